@@ -1,0 +1,256 @@
+// The CPU loops, compiled once per instruction set: the including file defines
+// MSDIFF_CPU_ISA (the namespace, e.g. baseline or avx2) and includes everything else first.
+//
+// Every hot loop is a plain counted loop over a tile of at most kTile elements with no calls,
+// no branches the compiler cannot turn into selects, and no cross-iteration dependence, which
+// is what GCC and Clang vectorise (the build's -fopt-info-vec report lists them). Reductions
+// are written with explicit lanes because the compiler may not reassociate a float sum.
+#if !defined(MSDIFF_CPU_ISA)
+#error "define MSDIFF_CPU_ISA (the namespace of this instruction set's kernels) before including kernels_impl.h"
+#endif
+
+namespace msdiff::cpu::MSDIFF_CPU_ISA {
+namespace {
+
+// Lanes of the loss sum: four 4-double vectors.
+constexpr int kSumLanes = 16;
+
+int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <class T>
+void widen(float* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
+}
+
+// A side input (explicit noise or target) stored as T or as float32.
+template <class T>
+void widen_side(float* dst, const void* src, bool side_is_float, int64_t n) {
+  if (side_is_float) {
+    widen(dst, static_cast<const float*>(src), n);
+  } else {
+    widen(dst, static_cast<const T*>(src), n);
+  }
+}
+
+// z[j] = the stream at first + j, j < n <= kTile (so j fits the low counter word's carry test).
+void fill_normals(float* __restrict__ z, int64_t n, PhiloxKey key, uint64_t first) {
+  const uint32_t low0 = static_cast<uint32_t>(first), high0 = static_cast<uint32_t>(first >> 32);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t low = low0 + static_cast<uint32_t>(j);
+    const uint32_t high = high0 + (low < low0 ? 1u : 0u);
+    const PhiloxWords words = philox4x32_10(key, low, high);
+    z[j] = normal_from_words(words.w0, words.w1);
+  }
+}
+
+// The noise of a tile: the explicit tensor's values or the stream's.
+template <class T>
+void fill_noise(float* z, int64_t n, const void* explicit_noise, bool side_is_float, PhiloxKey key, uint64_t first) {
+  if (explicit_noise != nullptr) {
+    widen_side<T>(z, explicit_noise, side_is_float, n);
+  } else {
+    fill_normals(z, n, key, first);
+  }
+}
+
+template <class T>
+const void* advance(const void* base, int64_t elements) {
+  return base == nullptr ? nullptr : static_cast<const T*>(base) + elements;
+}
+
+// ------------------------------------------------------------------------------- mr_step
+
+template <class T>
+void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
+  const PhiloxKey key = philox_key(a.seed);
+  alignas(64) float acc[kTile];
+  alignas(64) float z[kTile];
+  for (int64_t start = begin; start < end;) {
+    const int64_t sample = start / a.per_sample;
+    const int64_t stop = smaller(smaller(end, (sample + 1) * a.per_sample), start + kTile);
+    const int64_t n = stop - start;
+    const float* row = a.coefs + sample * (a.num_terms + 1);
+    const T* __restrict__ x = static_cast<const T*>(a.x) + start;
+    const float c0 = row[0];
+    for (int64_t j = 0; j < n; ++j) acc[j] = scaled(c0, to_float(x[j]));
+    for (int k = 0; k < a.num_terms; ++k) {
+      const T* __restrict__ term = static_cast<const T*>(a.terms[k]) + start;
+      const float ck = row[k + 1];
+      for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], ck, to_float(term[j]));
+    }
+    if (a.noise_coef != nullptr) {
+      fill_noise<T>(z, n, advance<T>(a.noise, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+      const float cn = a.noise_coef[sample];
+      for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], cn, z[j]);
+    }
+    // out may be x or a term: the whole tile has been read by now.
+    T* __restrict__ out = static_cast<T*>(a.out) + start;
+    for (int64_t j = 0; j < n; ++j) out[j] = from_float<T>(acc[j]);
+    start = stop;
+  }
+}
+
+// -------------------------------------------------------------------------- noise_inject
+
+// Elements [begin, end) of one sample's x (or y) part; coefs null copies src.
+template <class T>
+void diffuse_part(T* out, const T* src, const T* mean, const void* noise, bool side_is_float, const float* coefs,
+                  int64_t begin, int64_t end, PhiloxKey key, uint64_t first_position) {
+  alignas(64) float z[kTile];
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int64_t n = smaller(kTile, end - start);
+    T* __restrict__ dst = out + start;
+    const T* __restrict__ clean = src + start;
+    if (coefs == nullptr) {
+      for (int64_t j = 0; j < n; ++j) dst[j] = clean[j];
+      continue;
+    }
+    const Diffusion diffusion{coefs[0], coefs[1]};
+    fill_noise<T>(z, n, advance<T>(noise, start), side_is_float, key, first_position + static_cast<uint64_t>(start));
+    if (mean != nullptr) {
+      const T* __restrict__ mu = mean + start;
+      for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(diffusion(to_float(clean[j]), z[j], to_float(mu[j])));
+    } else {
+      for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(diffusion(to_float(clean[j]), z[j]));
+    }
+  }
+}
+
+template <class T>
+T* row_of(const MutableSampleRows& rows, int64_t sample) {
+  return static_cast<T*>(rows.data) + sample * rows.batch_stride;
+}
+
+template <class T>
+const T* row_of(const SampleRows& rows, int64_t sample) {
+  return rows.data == nullptr ? nullptr : static_cast<const T*>(rows.data) + sample * rows.batch_stride;
+}
+
+template <class T>
+const void* side_row_of(const SampleRows& rows, int64_t sample, bool side_is_float) {
+  if (rows.data == nullptr) return nullptr;
+  return side_is_float ? static_cast<const void*>(row_of<float>(rows, sample)) : static_cast<const void*>(row_of<T>(rows, sample));
+}
+
+template <class T>
+void noise_inject_range(const NoiseInjectArgs& a, int64_t begin, int64_t end) {
+  const PhiloxKey key = philox_key(a.seed);
+  const int64_t per_sample = a.x_numel + a.y_numel;
+  const uint64_t positions_per_sample = static_cast<uint64_t>(a.x_numel + (a.y_coefs != nullptr ? a.y_numel : 0));
+  for (int64_t index = begin; index < end;) {
+    const int64_t b = index / per_sample;
+    const int64_t column = index - b * per_sample;
+    const int64_t stop = smaller(per_sample, column + (end - index));
+    const uint64_t first_position = a.offset + static_cast<uint64_t>(b) * positions_per_sample;
+    if (column < a.x_numel) {
+      const int64_t x_stop = smaller(stop, a.x_numel);
+      diffuse_part<T>(row_of<T>(a.out_x, b), row_of<T>(a.x0, b), row_of<T>(a.mu, b), side_row_of<T>(a.noise_x, b, a.side_is_float),
+                      a.side_is_float, a.x_coefs + 2 * b, column, x_stop, key, first_position);
+      index += x_stop - column;
+    } else {
+      const int64_t y_begin = column - a.x_numel, y_stop = stop - a.x_numel;
+      const bool noisy = a.y_coefs != nullptr;
+      diffuse_part<T>(row_of<T>(a.out_y, b), row_of<T>(a.y0, b), nullptr, noisy ? side_row_of<T>(a.noise_y, b, a.side_is_float) : nullptr,
+                      a.side_is_float, noisy ? a.y_coefs + 2 * b : nullptr, y_begin, y_stop, key,
+                      first_position + static_cast<uint64_t>(a.x_numel));
+      index += y_stop - y_begin;
+    }
+  }
+}
+
+// --------------------------------------------------------------------- weighted_score_loss
+
+// Elements [begin, end) of one sample, all in one segment: grad written, sum of w r^2 added to lanes.
+template <class T>
+void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual& segment, int64_t sample, int64_t begin, int64_t end,
+                 PhiloxKey key, double* __restrict__ lanes) {
+  alignas(64) float z[kTile];
+  alignas(64) float target[kTile];
+  alignas(64) float squares[kTile];
+  const int64_t sample_start = sample * a.per_sample;
+  for (int64_t start = sample_start + begin; start < sample_start + end; start += kTile) {
+    const int64_t n = smaller(kTile, sample_start + end - start);
+    fill_noise<T>(z, n, advance<T>(a.noise, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+    const T* __restrict__ output = static_cast<const T*>(a.output) + start;
+    T* __restrict__ grad = static_cast<T*>(a.grad) + start;
+    if (a.target != nullptr) {
+      widen_side<T>(target, a.side_is_float ? advance<float>(a.target, start) : advance<T>(a.target, start), a.side_is_float, n);
+      for (int64_t j = 0; j < n; ++j) {
+        const float residual = segment(to_float(output[j]), z[j], target[j]);
+        grad[j] = from_float<T>(segment.gradient(residual));
+        squares[j] = segment.loss_term(residual);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const float residual = segment(to_float(output[j]), z[j]);
+        grad[j] = from_float<T>(segment.gradient(residual));
+        squares[j] = segment.loss_term(residual);
+      }
+    }
+    int64_t j = 0;
+    for (; j + kSumLanes <= n; j += kSumLanes) {
+      for (int lane = 0; lane < kSumLanes; ++lane) lanes[lane] += static_cast<double>(squares[j + lane]);
+    }
+    for (int lane = 0; j + lane < n; ++lane) lanes[lane] += static_cast<double>(squares[j + lane]);
+  }
+}
+
+template <class T>
+void weighted_score_loss_blocks(const WeightedScoreLossArgs& a, double* partial_sums, int64_t begin, int64_t end) {
+  const PhiloxKey key = philox_key(a.seed);
+  const int64_t blocks_per_sample = (a.per_sample + kLossBlock - 1) / kLossBlock;
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t sample = block / blocks_per_sample;
+    const int64_t first = (block - sample * blocks_per_sample) * kLossBlock;
+    const int64_t last = smaller(a.per_sample, first + kLossBlock);
+    alignas(64) double lanes[kSumLanes] = {};
+    for (int segment_index = 0; segment_index < a.segments; ++segment_index) {
+      const int64_t segment_begin = segment_index == 0 ? 0 : a.split;
+      const int64_t segment_end = segment_index + 1 == a.segments ? a.per_sample : a.split;
+      const int64_t piece_begin = first > segment_begin ? first : segment_begin;
+      const int64_t piece_end = smaller(last, segment_end);
+      if (piece_begin >= piece_end) continue;
+      const float* c = a.coefs + (sample * a.segments + segment_index) * 3;
+      score_piece<T>(a, ScoreResidual{c[0], c[1], c[2]}, sample, piece_begin, piece_end, key, lanes);
+    }
+    double sum = 0.0;
+    for (int lane = 0; lane < kSumLanes; ++lane) sum += lanes[lane];
+    partial_sums[block] = sum;
+  }
+}
+
+// ------------------------------------------------------------------------------ dispatch
+
+template <class Body>
+void for_storage(Storage storage, const Body& body) {
+  switch (storage) {
+    case Storage::f32: return body(float{});
+    case Storage::f16: return body(half_t{});
+    case Storage::bf16: return body(bf16_t{});
+  }
+}
+
+void mr_step(const MrStepArgs& args, int64_t begin, int64_t end) {
+  for_storage(args.storage, [&](auto tag) { mr_step_range<decltype(tag)>(args, begin, end); });
+}
+
+void noise_inject(const NoiseInjectArgs& args, int64_t begin, int64_t end) {
+  for_storage(args.storage, [&](auto tag) { noise_inject_range<decltype(tag)>(args, begin, end); });
+}
+
+void weighted_score_loss(const WeightedScoreLossArgs& args, double* partial_sums, int64_t begin, int64_t end) {
+  for_storage(args.storage, [&](auto tag) { weighted_score_loss_blocks<decltype(tag)>(args, partial_sums, begin, end); });
+}
+
+void philox_normals(float* normals, uint64_t seed, uint64_t offset, int64_t begin, int64_t end) {
+  const PhiloxKey key = philox_key(seed);
+  for (int64_t start = begin; start < end; start += kTile) {
+    fill_normals(normals + start, smaller(kTile, end - start), key, offset + static_cast<uint64_t>(start));
+  }
+}
+
+}  // namespace
+
+const Kernels kernels = {MSDIFF_CPU_ISA_NAME, mr_step, noise_inject, weighted_score_loss, philox_normals};
+
+}  // namespace msdiff::cpu::MSDIFF_CPU_ISA

@@ -1,0 +1,78 @@
+"""The noise stream shared by every backend, in plain PyTorch.
+
+Element i of a draw with (seed, offset) is Triton's ``tl.randn(seed, offset + i)``:
+Philox4x32-10 with key (seed mod 2**32, seed >> 32) and counter (n mod 2**32, n >> 32, 0, 0)
+for n = offset + i; the first two output words become uniforms in [0, 1) through Triton's
+``uint_to_uniform_float`` and one Box-Muller normal ``sqrt(-2 log max(u1, 1e-7)) cos(2 pi u2)``.
+The C++, CUDA and Triton kernels compute the same words bit for bit; the normals agree to float
+rounding of log/cos. Arithmetic here is in int64 with 16-bit limbs, so it runs on any device.
+"""
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+ROUND_A = 0xD2511F53
+ROUND_B = 0xCD9E8D57
+KEY_A = 0x9E3779B9
+KEY_B = 0xBB67AE85
+UNIFORM_SCALE = 4.6566127342e-10
+MIN_UNIFORM = 1.0e-7
+TWO_PI = 6.283185307179586
+
+
+def _mul_hi_lo(a: torch.Tensor, constant: int):
+    """High and low 32-bit words of a * constant for uint32 values held in int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    lo_product = a_lo * constant
+    mid = a_hi * constant + (lo_product >> 16)
+    high = mid >> 16
+    low = ((mid & 0xFFFF) << 16) | (lo_product & 0xFFFF)
+    return high & MASK32, low & MASK32
+
+
+def philox_words(seed: int, counters: torch.Tensor):
+    """The four Philox4x32-10 output words (uint32 values in int64) for 64-bit counters."""
+    counters = counters.to(torch.int64)
+    c0 = counters & MASK32
+    c1 = (counters >> 32) & MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: the word read as int32, negatives folded, times 2**-31."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def philox_normal(seed: int, offset: int, numel: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normals for stream positions offset .. offset + numel - 1, as a flat tensor.
+
+    The uniforms are float32 as in every kernel; the Box-Muller map runs in ``dtype``
+    (float64 gives the oracle the kernels are compared with).
+    """
+    check_seed_offset(seed, offset, numel)
+    counters = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    w0, w1, _, _ = philox_words(seed, counters)
+    u1 = uniform_from_words(w0).to(dtype).clamp_min(MIN_UNIFORM)
+    u2 = uniform_from_words(w1).to(dtype)
+    if dtype == torch.float32:
+        angle = torch.tensor(TWO_PI, dtype=torch.float32, device=device) * u2
+    else:
+        angle = TWO_PI * u2
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+
+
+def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + numel >= 2**63:
+        raise ValueError(f"offset: expected an int >= 0 with offset + numel < 2**63, got {offset!r}")

@@ -1,0 +1,291 @@
+"""MR Sampler: exponential-integrator solvers of the reverse mean-reverting (or VE/VP) diffusion.
+
+With y = x - mu every linear SDE is an ordinary Gaussian diffusion with scale alpha and std sigma,
+so the probability-flow ODE and the reverse SDE have semi-analytic solutions over a step from s
+to t (h = lam_t - lam_s > 0): the linear part is exact and only the network's prediction is
+extrapolated in lam (order 1: constant, order 2: linear from the previous output, order 3:
+quadratic). Multistep: one network evaluation per step. The update formulas are those of
+../shared/reference/mr_sampler.md section 3; every step is one fused ``mr_step`` call.
+"""
+
+import math
+import warnings
+from collections import deque
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..sde import LinearSDE, MultiSpeedSDE
+from .combination import Combination
+from .parameterization import KINDS, PREDICTIONS, check_kind, prediction_coefficients
+from .timesteps import get_timesteps
+
+Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+class UnstableSolverWarning(UserWarning):
+    """A solver configuration known to diverge (noise-prediction SDE with large steps)."""
+
+
+def seed_from(generator: Optional[torch.Generator]) -> int:
+    """A Philox seed for the fused ops, drawn from ``generator`` (or torch's default one)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, s: float, t: float, previous_lams: Sequence[float]):
+    """Coefficients of x_t = A x_s + sum_j W[j] q_j + M mu + N z, q_0 the newest prediction.
+
+    previous_lams: lam of the times of q_1, q_2 (as many as order - 1).
+    """
+    alpha_s, alpha_t = float(sde.alpha(s)), float(sde.alpha(t))
+    sigma_s, sigma_t = float(sde.sigma(s)), float(sde.sigma(t))
+    lam_s, lam_t = float(sde.lam(s)), float(sde.lam(t))
+    h = lam_t - lam_s
+    # sigma_t (e^h - 1) and sigma_t sqrt(e^2h - 1) as written, or their limits where sigma_t = 0
+    # and h = inf (on a consistent schedule sigma_t e^h = alpha_t sigma_s / alpha_s)
+    sigma_phi1 = sigma_t * math.expm1(h) if sigma_t > 0 else alpha_t * sigma_s / alpha_s
+    sigma_noise = sigma_t * math.sqrt(math.expm1(2 * h)) if sigma_t > 0 else alpha_t * sigma_s / alpha_s
+    if solver == "ode" and prediction == "data":
+        phi1 = math.expm1(-h)
+        phi2 = phi1 / h + 1
+        phi3 = phi2 / h - 0.5
+        a = sigma_t / sigma_s
+        c0, c1, c2 = -alpha_t * phi1, alpha_t * phi2, -2 * alpha_t * phi3
+        m = 1 - a + a * alpha_s - alpha_t
+        noise = 0.0
+    elif solver == "ode":
+        sigma_phi2 = sigma_phi1 / h - sigma_t
+        sigma_phi3 = sigma_phi2 / h - 0.5 * sigma_t
+        a = alpha_t / alpha_s
+        c0, c1, c2 = -sigma_phi1, -sigma_phi2, -2 * sigma_phi3
+        m = 1 - a
+        noise = 0.0
+    elif prediction == "data":
+        phi1 = -math.expm1(-2 * h)
+        phi2 = 1 - phi1 / (2 * h)
+        a = sigma_t / sigma_s * math.exp(-h)
+        c0, c1, c2 = alpha_t * phi1, alpha_t * phi2, 0.0
+        m = 1 - a - alpha_t * phi1
+        noise = sigma_t * math.sqrt(phi1)
+    else:
+        sigma_phi2 = sigma_phi1 / h - sigma_t
+        a = alpha_t / alpha_s
+        c0, c1, c2 = -2 * sigma_phi1, -2 * sigma_phi2, 0.0
+        m = 1 - a
+        noise = sigma_noise
+    weights = [c0, 0.0, 0.0]
+    if order == 2:
+        r0 = (lam_s - previous_lams[0]) / h
+        weights[0] += c1 / r0
+        weights[1] -= c1 / r0
+    elif order == 3:
+        r0 = (lam_s - previous_lams[0]) / h
+        r1 = (previous_lams[0] - previous_lams[1]) / h
+        # D1 = D1_0 + (D1_0 - D1_1) r0 / (r0 + r1), D2 = (D1_0 - D1_1) / (r0 + r1)
+        on_d10 = c1 * (1 + r0 / (r0 + r1)) + c2 / (r0 + r1)
+        on_d11 = -c1 * r0 / (r0 + r1) - c2 / (r0 + r1)
+        weights[0] += on_d10 / r0
+        weights[1] += -on_d10 / r0 + on_d11 / r1
+        weights[2] -= on_d11 / r1
+    return a, weights[:order], m, noise
+
+
+class MRSampler:
+    """Fast sampler for mean-reverting (and VE/VP) diffusion models: 5-20 network evaluations.
+
+    solver "ode" (orders 1-3) or "sde" (orders 1-2); prediction "data" (stable, the default) or
+    "noise"; model_output: what the network returns ("noise", "data", "velocity", "score");
+    timesteps: "uniform_lambda", "uniform_t", "karras" or a list of steps + 1 times.
+    denoise_last: return the last data prediction instead of integrating to t_end.
+    clip: (low, high) clamp of every data prediction and of the result (None: no clamp);
+    threshold: dynamic thresholding quantile for data predictions (Imagen), e.g. 0.995.
+    lower_order_final: with fewer than 10 steps, lower the order of the last steps (more stable).
+    check_finite: raise at the first step that produces NaN/inf or values beyond any sane range.
+    """
+
+    def __init__(
+        self,
+        sde: LinearSDE,
+        steps: int,
+        solver: str = "sde",
+        order: int = 2,
+        prediction: str = "data",
+        model_output: str = "noise",
+        timesteps: Union[str, Sequence[float], torch.Tensor] = "uniform_lambda",
+        t_start: Optional[float] = None,
+        t_end: Optional[float] = None,
+        denoise_last: bool = False,
+        clip: Optional[Sequence[float]] = None,
+        threshold: Optional[float] = None,
+        lower_order_final: bool = True,
+        check_finite: bool = True,
+        backend: str = "auto",
+    ):
+        if isinstance(sde, MultiSpeedSDE):
+            sde = sde.x
+        if not isinstance(sde, LinearSDE):
+            raise TypeError(f"sde: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+        if solver not in ("ode", "sde"):
+            raise ValueError(f"solver: expected 'ode' or 'sde', got {solver!r}")
+        max_order = 3 if solver == "ode" else 2
+        if not isinstance(order, int) or not 1 <= order <= max_order:
+            raise ValueError(f"order: expected an int in 1..{max_order} for solver {solver!r}, got {order!r}")
+        check_kind("prediction", prediction, PREDICTIONS)
+        check_kind("model_output", model_output, KINDS)
+        if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
+            raise ValueError(f"clip: expected (low, high) with low < high, got {clip!r}")
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ValueError(f"threshold: expected a quantile in (0, 1], got {threshold!r}")
+        self.sde, self.solver, self.order = sde, solver, order
+        self.prediction, self.model_output = prediction, model_output
+        self.timesteps = get_timesteps(sde, steps, timesteps, t_start, t_end)
+        self.steps = steps
+        self.denoise_last, self.clip, self.threshold = denoise_last, clip, threshold
+        self.lower_order_final, self.check_finite, self.backend = lower_order_final, check_finite, backend
+        self.lams = sde.lam(self.timesteps)
+        if solver == "sde" and prediction == "noise":
+            widest = float((self.lams[1:] - self.lams[:-1]).clamp(max=50).max())
+            if widest > 1.0:
+                warnings.warn(
+                    f"MRSampler(solver='sde', prediction='noise') with {steps} steps takes log-SNR steps up to h = {widest:.2f}: "
+                    f"its noise variance grows as sigma_t^2 (e^(2h) - 1) and the samples diverge from the data (MR Sampler paper, "
+                    f"Rain100H at NFE 5-10). Use prediction='data' or more steps.",
+                    UnstableSolverWarning,
+                    stacklevel=2,
+                )
+
+    def __repr__(self):
+        return f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, prediction={self.prediction!r}, model_output={self.model_output!r})"
+
+    @property
+    def nfe(self) -> int:
+        return self.steps
+
+    def step_order(self, i: int) -> int:
+        order = min(self.order, i + 1)
+        if self.lower_order_final and self.steps < 10:
+            order = min(order, self.steps - i)
+        if math.isinf(float(self.lams[i + 1])):
+            order = 1
+        return max(order, 1)
+
+    def sample(
+        self,
+        model: Model,
+        mu: Optional[torch.Tensor] = None,
+        x_T: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        callback: Optional[Callable[[dict], None]] = None,
+        progress: bool = False,
+        shape: Optional[Sequence[int]] = None,
+        cond: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Integrate from t_start to t_end and return x_0.
+
+        model(x_t, t, c) returns ``model_output`` for x_t; t is a [B] float tensor; c is ``cond``
+        if given, else mu. mu: the degraded image for mean-reverting SDEs (None for VE/VP).
+        x_T: the start (default: a prior draw from ``generator``; ``shape`` when there is no mu).
+        callback receives {"i", "t", "x", "x0"} after every step.
+        """
+        sde = self.sde
+        sde.check_mu(mu)
+        x = initial_state(sde, mu, x_T, shape, generator)
+        condition = cond if cond is not None else mu
+        seed = seed_from(generator)
+        history = deque(maxlen=max(self.order - 1, 1))
+        limit = divergence_limit(sde, mu)
+        for i in tqdm(range(self.steps), disable=not progress, desc="MR Sampler", leave=False):
+            s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
+            output = call_model(model, x, s, condition)
+            prediction = self.prediction_of(output, x, mu, s, seed, i)
+            if self.denoise_last and i == self.steps - 1:
+                return self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend)
+            order = self.step_order(i)
+            a, weights, m, noise = step_coefficients(self.solver, self.prediction, order, sde, s, t, [lam for lam, _ in history])
+            update = Combination([(x, a), (mu, m)])
+            for weight, form in zip(weights, [prediction] + [form for _, form in history]):
+                update = update + form.scaled(weight)
+            x0 = self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend) if callback is not None else None
+            x = update.evaluate(x, noise, seed=seed, offset=i * x.numel(), backend=self.backend)
+            if self.check_finite:
+                check_state(x, limit, i, self.steps, s, t, "MRSampler")
+            history.appendleft((float(self.lams[i]), prediction))
+            if callback is not None:
+                callback({"i": i, "t": t, "x": x, "x0": x0})
+        return x.clamp(*self.clip) if self.clip is not None else x
+
+    def prediction_of(self, output, x, mu, s, seed, i) -> Combination:
+        """The solver's prediction at time s as a combination of (output, x, mu)."""
+        if self.clip is None and self.threshold is None:
+            c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, self.model_output, self.prediction))
+            return Combination([(output, c_out), (x, c_x), (mu, c_mu)])
+        c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, self.model_output, "data"))
+        x0 = limit_data(Combination([(output, c_out), (x, c_x), (mu, c_mu)]).evaluate(x, backend=self.backend), self.clip, self.threshold)
+        if self.prediction == "data":
+            return Combination([(x0, 1.0)])
+        alpha, sigma = float(self.sde.alpha(s)), float(self.sde.sigma(s))
+        return Combination([(x0, -alpha / sigma), (x, 1 / sigma), (mu, -(1 - alpha) / sigma)])
+
+    def data_of(self, prediction: Combination, x, mu, s) -> Combination:
+        if self.prediction == "data":
+            return prediction
+        alpha, sigma = float(self.sde.alpha(s)), float(self.sde.sigma(s))
+        # x0 = (x - mu - sigma eps) / alpha + mu
+        return prediction.scaled(-sigma / alpha) + Combination([(x, 1 / alpha), (mu, 1 - 1 / alpha)])
+
+
+def limit_data(x0: torch.Tensor, clip, threshold) -> torch.Tensor:
+    if threshold is not None:
+        # Imagen's dynamic thresholding: clamp to the per-sample quantile s (>= 1) and rescale
+        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), threshold, dim=1).clamp_min(1.0).to(x0.dtype)
+        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+        x0 = x0.clamp(-s, s) / s
+    if clip is not None:
+        x0 = x0.clamp(*clip)
+    return x0
+
+
+def initial_state(sde: LinearSDE, mu, x_T, shape, generator) -> torch.Tensor:
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T: expected a floating-point tensor, got {type(x_T).__name__ if not isinstance(x_T, torch.Tensor) else x_T.dtype}")
+        if mu is not None and x_T.shape != mu.shape:
+            raise ValueError(f"x_T: expected shape {tuple(mu.shape)} (like mu), got {tuple(x_T.shape)}")
+        return x_T
+    if mu is not None:
+        if not isinstance(mu, torch.Tensor) or not mu.is_floating_point():
+            raise TypeError(f"mu: expected a floating-point tensor, got {type(mu).__name__ if not isinstance(mu, torch.Tensor) else mu.dtype}")
+        return sde.prior(mu, generator)
+    if shape is None:
+        raise ValueError("shape: expected the sample shape [B, C, H, W] when neither mu nor x_T is given, got None")
+    return sde.prior(shape, generator)
+
+
+def call_model(model: Model, x: torch.Tensor, s: float, condition) -> torch.Tensor:
+    t = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    output = model(x, t, condition)
+    if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"model: expected an output of shape {tuple(x.shape)} (like x_t), got {got}")
+    if output.dtype != x.dtype:
+        output = output.to(x.dtype)
+    return output
+
+
+def divergence_limit(sde: LinearSDE, mu: Optional[torch.Tensor]) -> float:
+    """A bound no healthy sample exceeds: far beyond the prior's and the data's range."""
+    return 1e3 * max(sde.prior_std, 1.0) + (float(mu.abs().max()) if mu is not None and mu.numel() else 0.0)
+
+
+def check_state(x: torch.Tensor, limit: float, i: int, steps: int, s: float, t: float, name: str) -> None:
+    largest = float(x.abs().max())
+    if not math.isfinite(largest) or largest > limit:
+        what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"
+        raise FloatingPointError(f"{name}: step {i + 1}/{steps} (t {s:.4g} -> {t:.4g}) produced {what}; the solver diverged (try more steps, prediction='data', or a lower order)")
+
+
+def sample(model: Model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 10, *, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, **options) -> torch.Tensor:
+    """One-call form: ``MRSampler(sde, steps, **options).sample(model, mu, ...)``."""
+    return MRSampler(sde, steps, **options).sample(model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond)

@@ -1,0 +1,304 @@
+"""Data sets and image I/O for training conditional diffusion models.
+
+Images are float32 tensors [C, H, W] in [0, 1] per item and [B, C, H, W] per batch.
+``SyntheticImages`` is the default data set: it needs no download.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+PathLike = Union[str, "os.PathLike[str]"]
+Size = Union[int, Tuple[int, int], None]
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")
+
+
+def check_images(x, name: str = "x") -> torch.Tensor:
+    """Raise ValueError unless x is a finite 4-D float tensor [B, C, H, W] in [0, 1]; return x."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor [B, C, H, W] in [0, 1], got {type(x).__name__}")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{name}: expected a 4-D float tensor [B, C, H, W] in [0, 1], "
+                         f"got shape {tuple(x.shape)} dtype {x.dtype}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{name}: expected finite values in [0, 1], found NaN or inf (shape {tuple(x.shape)})")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"{name}: expected values in [0, 1], found range "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}] (shape {tuple(x.shape)})")
+    return x
+
+
+# ---------------------------------------------------------------------------- image I/O
+def _open(path: Path, mode: str) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated files fail here and not later
+            return img.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+    pixels = pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+    return pixels.float() / 255
+
+
+def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
+    """Read an image file as float32 [channels, H, W] in [0, 1] (channels 1: grey, 3: RGB)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 or 3, got {channels}")
+    return _to_tensor(_open(Path(path), "L" if channels == 1 else "RGB"))
+
+
+def write_image(path: PathLike, x: torch.Tensor) -> None:
+    """Write [C, H, W] (C in 1, 3, 4) or [H, W] in [0, 1] as an 8-bit image (PNG by extension)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] not in (1, 3, 4)):
+        found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"write_image: expected a tensor [C, H, W] with C in 1, 3, 4 or [H, W], got {found}")
+    x = x.detach().cpu().float()
+    if not torch.isfinite(x).all() or x.min() < -1e-4 or x.max() > 1 + 1e-4:
+        raise ValueError(f"write_image: expected finite values in [0, 1], found range "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels[0] if x.dim() == 3 and x.shape[0] == 1 else pixels
+    pixels = pixels.permute(1, 2, 0) if pixels.dim() == 3 else pixels
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def save_grid(path: PathLike, rows_of_batches, nrow: Optional[int] = None, pad: int = 2,
+              pad_value: float = 1.0) -> None:
+    """Write a PNG grid. A list of batches puts each batch on its own row (e.g. condition /
+    samples / ground truth); a single batch is laid out ``nrow`` per row (default ~sqrt(B)).
+    With ``nrow`` a batch longer than nrow wraps. Grey batches are repeated to RGB and every
+    image is resized (nearest) to the largest H, W so small LR images line up."""
+    batches = [rows_of_batches] if isinstance(rows_of_batches, torch.Tensor) else list(rows_of_batches)
+    for i, batch in enumerate(batches):
+        check_images(batch, f"rows_of_batches[{i}]")
+    if isinstance(rows_of_batches, torch.Tensor) and nrow is None:
+        nrow = math.ceil(math.sqrt(rows_of_batches.shape[0]))
+    channels = max(b.shape[1] for b in batches)
+    height, width = max(b.shape[2] for b in batches), max(b.shape[3] for b in batches)
+    rows: List[List[torch.Tensor]] = []
+    for batch in batches:
+        batch = batch.detach().cpu().float()
+        if batch.shape[2:] != (height, width):
+            batch = F.interpolate(batch, size=(height, width), mode="nearest")
+        batch = batch.expand(-1, channels, -1, -1) if batch.shape[1] == 1 else batch
+        per_row = nrow or batch.shape[0]
+        rows += [list(batch[i:i + per_row]) for i in range(0, batch.shape[0], per_row)]
+    ncols = max(len(r) for r in rows)
+    grid = torch.full((channels, pad + len(rows) * (height + pad), pad + ncols * (width + pad)), pad_value)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            grid[:, top:top + height, left:left + width] = image
+    write_image(path, grid)
+
+
+# ---------------------------------------------------------------------------- folders
+def _list_images(root: PathLike, extensions: Sequence[str], recursive: bool) -> List[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
+    candidates = root.rglob("*") if recursive else root.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"no images in {root} (looked for extensions {', '.join(sorted(suffixes))}"
+                         f"{', recursively' if recursive else ''})")
+    return files
+
+
+def _as_hw(size: Size) -> Optional[Tuple[int, int]]:
+    return None if size is None else (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _crop_box(width: int, height: int, size: Tuple[int, int], crop: str):
+    """Resize target covering ``size`` (aspect kept) and the crop box inside it."""
+    scale = max(size[0] / height, size[1] / width)
+    new_w, new_h = max(size[1], round(width * scale)), max(size[0], round(height * scale))
+    if crop == "random":  # global torch RNG, which DataLoader seeds per worker
+        top = int(torch.randint(0, new_h - size[0] + 1, ()))
+        left = int(torch.randint(0, new_w - size[1] + 1, ()))
+    else:
+        top, left = (new_h - size[0]) // 2, (new_w - size[1]) // 2
+    return (new_w, new_h), (left, top, left + size[1], top + size[0])
+
+
+def _fit(img: Image.Image, resized: Tuple[int, int], box) -> Image.Image:
+    if img.size != resized:
+        img = img.resize(resized, Image.BICUBIC)
+    return img.crop(box) if box != (0, 0) + img.size else img
+
+
+class ImageFolder(Dataset):
+    """Images under ``root`` as [C, H, W] in [0, 1]; with ``size`` the shorter side is resized to
+    cover it and a centre or random crop taken. Unreadable files raise ValueError when read."""
+
+    def __init__(self, root: PathLike, size: Size = None, crop: str = "center",
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True, channels: int = 3):
+        if crop not in ("center", "random") or channels not in (1, 3):
+            raise ValueError(f"crop/channels: expected 'center'|'random' and 1|3, got {crop!r}/{channels}")
+        self.root, self.size, self.crop, self.channels = Path(root), _as_hw(size), crop, channels
+        self.files = _list_images(root, extensions, recursive)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, path: Path) -> Image.Image:
+        return _open(path, "L" if self.channels == 1 else "RGB")
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        img = self.load(self.files[index])
+        if self.size is not None:
+            img = _fit(img, *_crop_box(img.width, img.height, self.size, self.crop))
+        return _to_tensor(img)
+
+    def verify(self) -> List[str]:
+        """Try to decode every file; return "path: reason" for each bad one (empty if all fine)."""
+        bad = []
+        for path in self.files:
+            try:
+                self.load(path)
+            except (ValueError, FileNotFoundError) as err:
+                bad.append(f"{path}: {err}")
+        return bad
+
+
+class PairedFolders(Dataset):
+    """(clean, degraded) pairs matched by relative file name without extension."""
+
+    def __init__(self, clean_root: PathLike, degraded_root: PathLike, size: Size = None, crop: str = "center",
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int = 3):
+        self.clean = ImageFolder(clean_root, None, crop, extensions, True, channels)
+        self.degraded = ImageFolder(degraded_root, None, crop, extensions, True, channels)
+        self.size, self.crop = _as_hw(size), crop
+        clean, degraded = self._by_stem(self.clean), self._by_stem(self.degraded)
+        only_clean, only_degraded = sorted(clean.keys() - degraded.keys()), sorted(degraded.keys() - clean.keys())
+        if only_clean or only_degraded:
+            raise ValueError(f"unmatched file names: in {clean_root} only {_short(only_clean)}; "
+                             f"in {degraded_root} only {_short(only_degraded)}")
+        self.pairs = [(clean[k], degraded[k]) for k in sorted(clean)]
+
+    @staticmethod
+    def _by_stem(folder: ImageFolder) -> dict:
+        stems = {}
+        for path in folder.files:
+            stem = path.relative_to(folder.root).with_suffix("").as_posix()
+            if stem in stems:
+                raise ValueError(f"two images named {stem!r} in {folder.root}: {stems[stem].name}, {path.name}")
+            stems[stem] = path
+        return stems
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        clean_path, degraded_path = self.pairs[index]
+        clean, degraded = self.clean.load(clean_path), self.degraded.load(degraded_path)
+        if clean.size != degraded.size:
+            raise ValueError(f"size mismatch: {clean_path} is {clean.width}x{clean.height}, "
+                             f"{degraded_path} is {degraded.width}x{degraded.height}")
+        if self.size is not None:  # one geometry for both, so they stay aligned
+            geometry = _crop_box(clean.width, clean.height, self.size, self.crop)
+            clean, degraded = _fit(clean, *geometry), _fit(degraded, *geometry)
+        return _to_tensor(clean), _to_tensor(degraded)
+
+
+def _short(names: List[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit]) or "(none)"
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------- conditional pairs
+def item_seed(seed: int, index: int, epoch: int = 0) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, index): nearby triples give unrelated streams."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class ConditionalPairs(Dataset):
+    """Items (x, y) with y = degradation(x[None])[0] drawn from a generator seeded by
+    ``item_seed(seed, index, epoch)``: the same (seed, epoch) reproduces every y exactly;
+    call ``set_epoch`` to draw fresh degradations (new holes, noise) each epoch."""
+
+    def __init__(self, dataset: Dataset, degradation, seed: int = 0):
+        self.dataset, self.degradation, self.seed, self.epoch = dataset, degradation, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.dataset[index]
+        x = x[0] if isinstance(x, (tuple, list)) else x  # e.g. (image, label) items
+        generator = torch.Generator().manual_seed(item_seed(self.seed, index, self.epoch))
+        return x, self.degradation(x[None], generator=generator)[0]
+
+
+# ---------------------------------------------------------------------------- synthetic images
+class SyntheticImages(Dataset):
+    """Procedural natural-ish images, deterministic in (seed, index): a smooth colour gradient,
+    2-5 soft-edged ellipses/rectangles, some of them striped. No download needed."""
+
+    def __init__(self, n: int, size: Size = 32, channels: int = 3, seed: int = 0):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {channels}")
+        self.n, self.size, self.channels, self.seed = n, _as_hw(size), channels, seed
+        h, w = self.size
+        # Pixel-centre coordinates in units of the longer side, so shapes keep their aspect.
+        scale = max(h, w)
+        self._yy, self._xx = np.meshgrid((np.arange(h) + 0.5) / scale, (np.arange(w) + 0.5) / scale, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} synthetic images")
+        rng = np.random.default_rng([self.seed, index])
+        image = self._render(rng)
+        if self.channels == 1:
+            image = image @ np.array([0.299, 0.587, 0.114])[:, None]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+
+    def _render(self, rng: np.random.Generator) -> np.ndarray:
+        yy, xx, pixel = self._yy, self._xx, 1.0 / max(self.size)
+        cy, cx = yy.mean(), xx.mean()
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-8)
+        start, end = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        image = start + (end - start) * ramp[..., None]
+        for _ in range(rng.integers(2, 6)):
+            center = rng.uniform(0.1, 0.9, 2) * (2 * cy, 2 * cx)
+            radius = rng.uniform(0.08, 0.3, 2)
+            rot = rng.uniform(0, np.pi)
+            u = (xx - center[1]) * np.cos(rot) + (yy - center[0]) * np.sin(rot)
+            v = -(xx - center[1]) * np.sin(rot) + (yy - center[0]) * np.cos(rot)
+            if rng.random() < 0.5:  # ellipse: approximate signed distance to the outline
+                distance = (np.hypot(u / radius[0], v / radius[1]) - 1) * radius.min()
+            else:  # rectangle
+                distance = np.maximum(np.abs(u) - radius[0], np.abs(v) - radius[1])
+            softness = rng.uniform(0.3, 1.2) * pixel
+            alpha = rng.uniform(0.7, 1.0) / (1 + np.exp(np.clip(distance / softness, -50, 50)))
+            colour = rng.uniform(0, 1, 3) * np.ones_like(image)
+            if rng.random() < 0.4:  # stripes between two colours, period >= 5 px so they stay smooth
+                period = rng.uniform(5, max(6, max(self.size) / 3)) * pixel
+                stripes = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
+                colour = colour + (rng.uniform(0, 1, 3) - colour) * stripes[..., None]
+            image = image + (colour - image) * alpha[..., None]
+        return np.clip(image, 0, 1)
