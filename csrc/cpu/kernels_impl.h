@@ -1,12 +1,13 @@
-// The CPU loops, compiled once per instruction set: the including file defines
-// MSDIFF_CPU_ISA (the namespace, e.g. baseline or avx2) and includes everything else first.
+// The CPU loops, compiled once per instruction set: the including file defines MSDIFF_CPU_ISA
+// (the namespace, e.g. baseline or avx2), MSDIFF_CPU_ISA_NAME and MSDIFF_PHILOX_LANES (see
+// philox_lanes.h) and includes everything else first.
 //
 // Every hot loop is a plain counted loop over a tile of at most kTile elements with no calls,
 // no branches the compiler cannot turn into selects, and no cross-iteration dependence, which
 // is what GCC and Clang vectorise (the build's -fopt-info-vec report lists them). Reductions
 // are written with explicit lanes because the compiler may not reassociate a float sum.
-#if !defined(MSDIFF_CPU_ISA)
-#error "define MSDIFF_CPU_ISA (the namespace of this instruction set's kernels) before including kernels_impl.h"
+#if !defined(MSDIFF_CPU_ISA) || !defined(MSDIFF_CPU_ISA_NAME) || !defined(MSDIFF_PHILOX_LANES)
+#error "define MSDIFF_CPU_ISA, MSDIFF_CPU_ISA_NAME and MSDIFF_PHILOX_LANES before including kernels_impl.h"
 #endif
 
 namespace msdiff::cpu::MSDIFF_CPU_ISA {
@@ -32,15 +33,24 @@ void widen_side(float* dst, const void* src, bool side_is_float, int64_t n) {
   }
 }
 
-// z[j] = the stream at first + j, j < n <= kTile (so j fits the low counter word's carry test).
+#include "philox_lanes.h"
+
+// z[j] = the stream at first + j, j < n <= kTile: Philox on SIMD lanes where this instruction
+// set has them (one at a time for the rest), then Box-Muller, which the compiler vectorises.
 void fill_normals(float* __restrict__ z, int64_t n, PhiloxKey key, uint64_t first) {
-  const uint32_t low0 = static_cast<uint32_t>(first), high0 = static_cast<uint32_t>(first >> 32);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t low = low0 + static_cast<uint32_t>(j);
-    const uint32_t high = high0 + (low < low0 ? 1u : 0u);
-    const PhiloxWords words = philox4x32_10(key, low, high);
-    z[j] = normal_from_words(words.w0, words.w1);
+  alignas(64) uint32_t w0[kTile];
+  alignas(64) uint32_t w1[kTile];
+  int64_t j = 0;
+#if MSDIFF_PHILOX_LANES > 0
+  j = philox_pair_words_lanes(w0, w1, n, key, first);
+#endif
+  for (; j < n; ++j) {
+    const uint64_t position = first + static_cast<uint64_t>(j);
+    const PhiloxWords words = philox4x32_10(key, static_cast<uint32_t>(position), static_cast<uint32_t>(position >> 32));
+    w0[j] = words.w0;
+    w1[j] = words.w1;
   }
+  for (j = 0; j < n; ++j) z[j] = normal_from_words(w0[j], w1[j]);
 }
 
 // The noise of a tile: the explicit tensor's values or the stream's.

@@ -117,10 +117,25 @@ def mr_step(
             check_seed_offset(seed, offset, x.numel())
     elif noise is not None:
         raise ValueError(describe("noise", "None when noise_coef is None (nothing would use it)", "a tensor"))
+    if out is not None:
+        check_like(out, "out", x, "x")
+        if not out.is_contiguous():
+            raise ValueError(describe("out", "a contiguous tensor", f"strides {out.stride()}"))
+    terms = list(terms)
+    if _needs_dispatcher(x, terms):
+        if out is None:
+            return _mr_step(x, terms, coefs, noise_coef, noise, seed, offset, backend)
+        _mr_step_out(out, x, terms, coefs, noise_coef, noise, seed, offset, backend)
+        return out
+    # Plain eager call: the custom-op dispatcher would add tens of microseconds per sampler step.
     if out is None:
-        return _mr_step(x, list(terms), coefs, noise_coef, noise, seed, offset, backend)
-    check_like(out, "out", x, "x")
-    if not out.is_contiguous():
-        raise ValueError(describe("out", "a contiguous tensor", f"strides {out.stride()}"))
-    _mr_step_out(out, x, list(terms), coefs, noise_coef, noise, seed, offset, backend)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    resolve("mr_step", backend, x.device, x.dtype)(out, x, terms, coefs, noise_coef, seed, offset, noise)
     return out
+
+
+def _needs_dispatcher(x: torch.Tensor, terms: List[torch.Tensor]) -> bool:
+    """torch.compile, autograd and fake/meta tensors need the registered custom op."""
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in terms))

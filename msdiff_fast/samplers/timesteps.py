@@ -22,8 +22,8 @@ def get_timesteps(
 
     "uniform_t": equal steps in t; "uniform_lambda": equal steps in the half log-SNR (MR Sampler's
     best); "karras": Karras et al.'s rho-spacing of sigma/alpha = exp(-lam); or an explicit list.
-    When lam(t_end) is infinite (sigma(t_end) = 0), uniform_lambda spaces the first steps - 1 steps
-    down to ``sde.t_lambda_floor`` and the last step goes to t_end.
+    When lam(t_end) is infinite (sigma(t_end) = 0), the log-SNR spacings place the first steps - 1
+    steps down to ``sde.t_lambda_floor`` and the last step goes to t_end.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")

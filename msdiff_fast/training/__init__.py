@@ -3,10 +3,13 @@ from .data import (IMAGE_EXTENSIONS, ConditionalPairs, ImageFolder, PairedFolder
                    check_images, item_seed, read_image, save_grid, write_image)
 from .degradations import (DEGRADATIONS, JPEG, Edges, GaussianBlur, GaussianNoise, Inpainting, LowLight,
                            MotionBlur, SuperResolution, make_degradation)
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .trainer import TrainConfig, Trainer, train
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ConditionalPairs", "ImageFolder", "PairedFolders", "SyntheticImages",
     "check_images", "item_seed", "read_image", "save_grid", "write_image",
     "DEGRADATIONS", "JPEG", "Edges", "GaussianBlur", "GaussianNoise", "Inpainting", "LowLight",
     "MotionBlur", "SuperResolution", "make_degradation",
+    "latest_checkpoint", "load_checkpoint", "TrainConfig", "Trainer", "train",
 ]

@@ -50,7 +50,7 @@ MSDIFF_HD void multiply_wide(uint32_t a, uint32_t b, uint32_t& high, uint32_t& l
 MSDIFF_HD PhiloxWords philox4x32_10(PhiloxKey key, uint32_t counter_low, uint32_t counter_high) {
   uint32_t c0 = counter_low, c1 = counter_high, c2 = 0, c3 = 0;
   uint32_t k0 = key.low, k1 = key.high;
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10

@@ -1,0 +1,237 @@
+"""Time and peak memory of one training step (forward + backward + Adam) of a CMDE model.
+
+Providers, measured in one run on the same model, batch and device:
+  fused: CMDE.loss (ops.noise_inject writes cat(x_t, y_t) into one buffer; ops.weighted_score_loss
+         regenerates the noise and fuses the weighted loss with its gradient);
+  eager: plain PyTorch (torch.randn noise kept for the loss, torch.cat, the formula with autograd),
+         python_tests/test_estimators.plain_conditional_loss, the tests' oracle.
+Networks: the "tiny" preset, the paper's celeba_sr_x8_160 U-Net with the CMDE head (43.5M
+parameters), and "loss-only" (one learnable scale at the paper's 160x160 shapes), which isolates
+the part of the step the fused ops replace. Each configuration runs in its own process, so its
+peak memory is its own: CUDA max_memory_allocated, or on CPU the peak resident set size during
+the timed steps (VmHWM after resetting it through /proc/self/clear_refs).
+
+    python3 benchmarks/benchmark_training_step.py                 # CPU: tiny b8, paper b2, loss-only b2/b16
+    python3 benchmarks/benchmark_training_step.py --quick         # CPU, smaller and fewer steps
+    python3 benchmarks/benchmark_training_step.py --device cuda   # adds the paper preset at batch 16
+    python3 benchmarks/benchmark_training_step.py --threads 1     # steadier on a shared CPU
+
+Writes benchmarks/results/training_step_<device>.md and .csv (overwritten; device name, torch
+version, date, load average and the command line in both).
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "python_tests"))
+
+from msdiff_fast.estimators import CMDE  # noqa: E402
+from msdiff_fast.models import unet_preset  # noqa: E402
+from test_estimators import plain_conditional_loss  # noqa: E402
+
+PAPER = "celeba_sr_x8_160"
+PROVIDERS = ("fused", "eager")
+
+
+class LossOnly(torch.nn.Module):
+    """One learnable scale: the network costs nothing, the loss is the whole step."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, x, t):
+        return self.scale * x
+
+
+def configurations(device: str, quick: bool):
+    """(network, image size, batch) rows; each is run with every provider."""
+    if quick:
+        return [("tiny", 16, 4), (PAPER, 160, 1), ("loss-only", 160, 2)]
+    rows = [("tiny", 32, 8), (PAPER, 160, 2), ("loss-only", 160, 2), ("loss-only", 160, 16)]
+    if device == "cuda":
+        rows = [("tiny", 32, 16), (PAPER, 160, 2), (PAPER, 160, 16), ("loss-only", 160, 16), ("loss-only", 160, 64)]
+    return rows
+
+
+def build_model(network: str, size: int, device: str):
+    if network == "loss-only":
+        return LossOnly().to(device)
+    return unet_preset(network, estimator="cmde", image_channels=3, image_size=size).to(device)
+
+
+def eager_loss(est: CMDE, model, x0, y0, generator):
+    batch = x0.shape[0]
+    t = est.t_eps + (float(est.sde.T) - est.t_eps) * torch.rand(batch, generator=generator, device=x0.device, dtype=torch.float64)
+    z_x = torch.randn(x0.shape, generator=generator, device=x0.device)
+    z_y = torch.randn(y0.shape, generator=generator, device=x0.device)
+    x_sde, y_sde = est.sde.x, est.sde.y
+    weight_x = (x_sde.g2(t) / x_sde.sigma(t) ** 2).float()
+    weight_y = (y_sde.g2(t) / y_sde.sigma(t) ** 2).float()
+    return plain_conditional_loss(model, x0, y0, t.float(), z_x, z_y, x_sde.sigma(t).float(), y_sde.sigma(t).float(), weight_x, weight_y)
+
+
+def _rss_peak_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def _reset_rss_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def run_one(config: dict) -> dict:
+    """Time ``config['steps']`` training steps after ``config['warmup']``; runs in a worker process."""
+    device, network, size, batch = config["device"], config["network"], config["size"], config["batch"]
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(0)
+    model = build_model(network, size, device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    est = CMDE.for_images((3, size, size), (3, size, size))
+    x0 = torch.rand(batch, 3, size, size, device=device)
+    y0 = torch.rand(batch, 3, size, size, device=device)
+    generator = torch.Generator(device).manual_seed(1)
+
+    def step():
+        if config["provider"] == "fused":
+            loss = est.loss(model, x0, y0, generator)
+        else:
+            loss = eager_loss(est, model, x0, y0, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(config["warmup"]):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_rss_peak()
+    times = []
+    for _ in range(config["steps"]):
+        start = time.perf_counter()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_peak_mib()
+    return {
+        **config,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "ms_median": 1e3 * statistics.median(times),
+        "ms_min": 1e3 * min(times),
+        "peak_mib": peak,
+        "final_loss": float(loss),
+    }
+
+
+def device_name(device: str, threads: int) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    threads = threads or torch.get_num_threads()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {threads} torch threads)"
+    return f"{platform.processor() or 'cpu'} ({threads} torch threads)"
+
+
+def write_results(rows, device: str, threads: int, command: str) -> None:
+    header = {
+        "device": device_name(device, threads),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load average (1 min)": f"{os.getloadavg()[0]:.2f}",
+        "command": command,
+    }
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    fields = ["network", "size", "batch", "provider", "parameters", "warmup", "steps", "ms_median", "ms_min", "peak_mib", "eager_over_fused_time", "eager_minus_fused_peak_mib"]
+    by_key = {(r["network"], r["size"], r["batch"], r["provider"]): r for r in rows}
+    for row in rows:
+        fused = by_key[(row["network"], row["size"], row["batch"], "fused")]
+        row["eager_over_fused_time"] = row["ms_median"] / fused["ms_median"]
+        row["eager_minus_fused_peak_mib"] = row["peak_mib"] - fused["peak_mib"]
+    with open(results / f"training_step_{device}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(header) + fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**header, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}})
+    memory = "peak allocated (MiB)" if device == "cuda" else "peak RSS (MiB)"
+    lines = [f"# Training step (forward + backward + Adam), CMDE loss: fused vs eager on {device}", ""]
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    lines += [
+        "",
+        "fused: CMDE.loss (noise_inject into the cat buffer + weighted_score_loss, noise regenerated);",
+        "eager: torch.randn noise, torch.cat, the explicit formula with autograd. loss-only: a one-parameter",
+        "model, so the row measures the loss itself. Median of the timed steps after warm-up.",
+        "",
+        f"| network | size | batch | params | fused ms | eager ms | eager / fused | fused {memory} | eager {memory} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for network, size, batch in dict.fromkeys((r["network"], r["size"], r["batch"]) for r in rows):
+        fused, eager = by_key[(network, size, batch, "fused")], by_key[(network, size, batch, "eager")]
+        lines.append(
+            f"| {network} | {size} | {batch} | {fused['parameters'] / 1e6:.2f}M | {fused['ms_median']:.1f} | {eager['ms_median']:.1f} | "
+            f"{eager['eager_over_fused_time']:.2f} | {fused['peak_mib']:.0f} | {eager['peak_mib']:.0f} |"
+        )
+    (results / f"training_step_{device}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, quick 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (default: torch's own); 1 is steadier on a shared machine")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
+    if steps < 1 or warmup < 0 or args.threads < 0:
+        parser.error(f"--steps must be >= 1, --warmup and --threads >= 0, got {steps}, {warmup}, {args.threads}")
+    from tqdm.auto import tqdm
+
+    jobs = [
+        {"device": args.device, "network": network, "size": size, "batch": batch, "provider": provider, "steps": steps, "warmup": warmup, "threads": args.threads}
+        for network, size, batch in configurations(args.device, args.quick)
+        for provider in PROVIDERS
+    ]
+    rows = []
+    for job in tqdm(jobs, desc="training-step benchmark"):
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"configuration {job} failed:\n{done.stderr[-4000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        tqdm.write(f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>5}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB")
+    write_results(rows, args.device, args.threads, " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print((ROOT / "benchmarks" / "results" / f"training_step_{args.device}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+// Philox4x32-10 on SIMD lanes, for the CPU kernels. kernels_impl.h includes this inside its
+// instruction-set namespace, after the translation unit has included <immintrin.h> and chosen
+// MSDIFF_PHILOX_LANES (8: AVX2, 4: SSE2, 0: none, the plain loop in kernels_impl.h instead).
+//
+// Why intrinsics here when every other loop is left to the compiler: Philox needs the high and
+// low words of 32x32-bit products, and GCC vectorises (uint64_t)a * b >> 32 by widening every
+// lane to 64 bits and packing back (mostly shuffles: 3x slower). pmuludq on the even lanes and on
+// the odd lanes shifted down, then one blend, is the whole multiply. The arithmetic is the same
+// as philox4x32_10 in msdiff/philox.h, which the tests check word for word.
+
+#if MSDIFF_PHILOX_LANES == 8
+
+struct PhiloxLanes {
+  using V = __m256i;
+  static constexpr int kWidth = 8;
+  static V broadcast(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+  static V lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_epi32(a, b); }
+  static V exclusive_or(V a, V b) { return _mm256_xor_si256(a, b); }
+  // All ones where a < b as unsigned numbers (signed compare after flipping the sign bits).
+  static V below(V a, V b) {
+    const V sign = broadcast(0x80000000u);
+    return _mm256_cmpgt_epi32(_mm256_xor_si256(b, sign), _mm256_xor_si256(a, sign));
+  }
+  static void multiply_wide(V a, V constant, V& high, V& low) {
+    const V even = _mm256_mul_epu32(a, constant);                         // products of lanes 0, 2, ...
+    const V odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), constant);   // products of lanes 1, 3, ...
+    high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  }
+  static void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p), v); }
+};
+
+#elif MSDIFF_PHILOX_LANES == 4
+
+struct PhiloxLanes {
+  using V = __m128i;
+  static constexpr int kWidth = 4;
+  static V broadcast(uint32_t v) { return _mm_set1_epi32(static_cast<int>(v)); }
+  static V lane_index() { return _mm_setr_epi32(0, 1, 2, 3); }
+  static V add(V a, V b) { return _mm_add_epi32(a, b); }
+  static V sub(V a, V b) { return _mm_sub_epi32(a, b); }
+  static V exclusive_or(V a, V b) { return _mm_xor_si128(a, b); }
+  static V below(V a, V b) {
+    const V sign = broadcast(0x80000000u);
+    return _mm_cmpgt_epi32(_mm_xor_si128(b, sign), _mm_xor_si128(a, sign));
+  }
+  // SSE2 has no dword blend: mask and or instead.
+  static void multiply_wide(V a, V constant, V& high, V& low) {
+    const V even = _mm_mul_epu32(a, constant);
+    const V odd = _mm_mul_epu32(_mm_srli_epi64(a, 32), constant);
+    const V high_dwords = _mm_set1_epi64x(static_cast<long long>(0xFFFFFFFF00000000ull));
+    high = _mm_or_si128(_mm_srli_epi64(even, 32), _mm_and_si128(odd, high_dwords));
+    low = _mm_or_si128(_mm_andnot_si128(high_dwords, even), _mm_slli_epi64(odd, 32));
+  }
+  static void store(uint32_t* p, V v) { _mm_storeu_si128(reinterpret_cast<V*>(p), v); }
+};
+
+#endif
+
+#if MSDIFF_PHILOX_LANES > 0
+
+// Words 0 and 1 of Philox4x32-10 for counters first + j, j in [0, n), n <= kTile: the lanes do
+// whole vectors and return how many they did; the caller finishes the rest one at a time.
+int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey key, uint64_t first) {
+  using L = PhiloxLanes;
+  using V = L::V;
+  const uint32_t low0 = static_cast<uint32_t>(first), high0 = static_cast<uint32_t>(first >> 32);
+  const V round_a = L::broadcast(kPhiloxRoundA), round_b = L::broadcast(kPhiloxRoundB);
+  V keys[2][10];
+  uint32_t k0 = key.low, k1 = key.high;
+  for (int round = 0; round < 10; ++round, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {
+    keys[0][round] = L::broadcast(k0);
+    keys[1][round] = L::broadcast(k1);
+  }
+  const V low_start = L::broadcast(low0);
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth) {
+    V c0 = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j)), L::lane_index()));
+    // all-ones (-1) where the low word wrapped: subtracting it carries into the high word.
+    V c1 = L::sub(L::broadcast(high0), L::below(c0, low_start));
+    V c2 = L::broadcast(0), c3 = L::broadcast(0);
+    for (int round = 0; round < 10; ++round) {
+      V high_a, low_a, high_b, low_b;
+      L::multiply_wide(c2, round_b, high_b, low_b);
+      L::multiply_wide(c0, round_a, high_a, low_a);
+      c0 = L::exclusive_or(L::exclusive_or(high_b, c1), keys[0][round]);
+      c1 = low_b;
+      c2 = L::exclusive_or(L::exclusive_or(high_a, c3), keys[1][round]);
+      c3 = low_a;
+    }
+    L::store(w0 + j, c0);
+    L::store(w1 + j, c1);
+  }
+  return j;
+}
+
+#endif

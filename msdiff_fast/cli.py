@@ -1,0 +1,1075 @@
+"""The ``msdiff`` command: demo, train, sample, evaluate, bench.
+
+Every subcommand is configured by flags and, optionally, a JSON or TOML file (``--config``)
+whose keys are the flags' long names (``batch-size`` or ``batch_size``); flags given on the
+command line win over the file. A file may hold one table per subcommand ([train], [sample], ...);
+otherwise its top-level keys are used. User errors (a missing checkpoint, an unreadable image,
+a bad flag value, ...) print one line ``msdiff: error: ...`` and exit non-zero; set
+MSDIFF_TRACEBACK=1 to see the Python traceback instead.
+
+The pieces the subcommands share live here too: tasks (which degradation makes the condition),
+the description a checkpoint carries (task, estimator, network), the sampler specification and
+the metrics of a set of restored images.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+PROG = "msdiff"
+DESCRIPTION_FORMAT = "msdiff_fast.cli/1"
+SAMPLERS = ("mr-sde", "mr-ode", "posterior", "pc", "euler")
+ESTIMATOR_NAMES = ("cde", "cdiffe", "cmde", "vscmde", "mr")
+TIMESTEPS = ("uniform_lambda", "uniform_t", "karras")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line ``msdiff: error: <message>``, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """An inverse problem: how the condition y is made from a clean image x, and its options."""
+
+    name: str
+    summary: str
+    options: Tuple[str, ...]  # the task's entries of ``TASK_OPTION_DEFAULTS``
+    default_sigma_y: float  # CMDE / VS-CMDE sigma_y_max (the paper: 0.5 for SR, 1 otherwise)
+
+    def degradation(self, options: Dict):
+        from .training import make_degradation
+
+        builders = {
+            "sr": lambda: make_degradation("sr", factor=options["scale"]),
+            "inpaint": lambda: make_degradation("inpaint", hole_fraction=options["hole_fraction"]),
+            "edges": lambda: make_degradation("edges"),
+            "denoise": lambda: make_degradation("noise", sigma=options["noise_sigma"]),
+            "blur": lambda: make_degradation("blur"),
+            "motion_blur": lambda: make_degradation("motion_blur"),
+            "lowlight": lambda: make_degradation("lowlight"),
+            "jpeg": lambda: make_degradation("jpeg", quality=options["quality"]),
+        }
+        return builders[self.name]()
+
+
+TASKS: Dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("sr", "super-resolution by --scale (the condition is the low-resolution image, upsampled by nearest neighbour)", ("scale",), 0.5),
+        Task("inpaint", "fill a square hole covering --hole-fraction of the image", ("hole_fraction",), 1.0),
+        Task("edges", "image from its Canny edge map (black edges on white)", (), 1.0),
+        Task("denoise", "remove white Gaussian noise of --noise-sigma (0-255 scale)", ("noise_sigma",), 1.0),
+        Task("blur", "remove a Gaussian blur (kernel 9, sigma 2)", (), 1.0),
+        Task("motion_blur", "remove a linear motion blur of 9 pixels at a random angle", (), 1.0),
+        Task("lowlight", "brighten a dark, noisy image", (), 1.0),
+        Task("jpeg", "remove JPEG artefacts of --quality", ("quality",), 1.0),
+    )
+}
+TASK_OPTION_DEFAULTS = {"scale": 2, "hole_fraction": 0.25, "noise_sigma": 25.0, "quality": 10}
+
+
+def task_options(task: str, args: argparse.Namespace) -> Dict:
+    """The options of ``task`` from parsed flags (None: the default), checked."""
+    options = {}
+    for name in TASKS[task].options:
+        value = getattr(args, name, None)
+        options[name] = TASK_OPTION_DEFAULTS[name] if value is None else value
+    if "scale" in options and options["scale"] < 1:
+        raise CLIError(f"--scale: expected an integer >= 1, got {options['scale']}", 2)
+    if "hole_fraction" in options and not 0 < options["hole_fraction"] < 1:
+        raise CLIError(f"--hole-fraction: expected a number in (0, 1), got {options['hole_fraction']}", 2)
+    if "noise_sigma" in options and not options["noise_sigma"] > 0:
+        raise CLIError(f"--noise-sigma: expected a positive number (0-255 scale), got {options['noise_sigma']}", 2)
+    if "quality" in options and not 1 <= options["quality"] <= 100:
+        raise CLIError(f"--quality: expected an integer in 1..100, got {options['quality']}", 2)
+    return options
+
+
+def consistency_operator(task: str, options: Dict, mask: Optional[torch.Tensor] = None) -> Optional[Callable]:
+    """The forward operator A of the consistency metric PSNR(A(x_hat), A(x)), or None when the
+    task has none (noise, JPEG, low light, motion blur: random or not invertible in a useful sense).
+    Inpainting needs the hole ``mask`` [B, 1, H, W] (1 = observed)."""
+    from .training import make_degradation
+
+    if task == "sr":
+        return make_degradation("sr", factor=options["scale"]).operator
+    if task == "blur":
+        return make_degradation("blur").operator
+    if task == "edges":
+        return make_degradation("edges").operator
+    if task == "inpaint" and mask is not None:
+        inpainting = make_degradation("inpaint", hole_fraction=options["hole_fraction"])
+        return lambda x: inpainting.operator(x, mask)
+    return None
+
+
+# ---------------------------------------------------------------------------- model description
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained model: stored as the checkpoint's description."""
+
+    task: str
+    task_options: Dict
+    estimator: str
+    estimator_options: Dict
+    preset: str
+    image_size: int
+    channels: int
+
+    def description(self) -> Dict:
+        return {
+            "format": DESCRIPTION_FORMAT,
+            "task": self.task,
+            "task_options": dict(self.task_options),
+            "estimator": self.estimator,
+            "estimator_options": dict(self.estimator_options),
+            "preset": self.preset,
+            "image_size": self.image_size,
+            "channels": self.channels,
+        }
+
+    @classmethod
+    def from_description(cls, description: Dict, where: str) -> "ModelSpec":
+        if not isinstance(description, dict) or description.get("format") != DESCRIPTION_FORMAT:
+            raise CLIError(f"checkpoint {where} was not written by `msdiff train` (its description has no "
+                           f"{DESCRIPTION_FORMAT!r} format); load it from Python with msdiff_fast.training.checkpoint.load_checkpoint")
+        try:
+            spec = cls(**{name: description[name] for name in ("task", "task_options", "estimator", "estimator_options", "preset", "image_size", "channels")})
+        except KeyError as err:
+            raise CLIError(f"checkpoint {where}: its description lacks {err.args[0]!r}; it is damaged or from another version") from None
+        if spec.task not in TASKS or spec.estimator not in ESTIMATOR_NAMES:
+            raise CLIError(f"checkpoint {where}: unknown task {spec.task!r} or estimator {spec.estimator!r} (from a newer msdiff_fast?)")
+        return spec
+
+    @property
+    def x_shape(self) -> Tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def degradation(self):
+        return TASKS[self.task].degradation(self.task_options)
+
+    def network(self) -> torch.nn.Module:
+        from .models import unet_preset
+
+        return unet_preset(self.preset, self.estimator, image_channels=self.channels, cond_channels=self.channels, image_size=self.image_size)
+
+    def build_estimator(self):
+        from .estimators import make_estimator
+
+        return make_estimator(self.estimator, self.x_shape, self.x_shape, **self.estimator_options)
+
+
+def estimator_options(estimator: str, task: str, args: argparse.Namespace, steps: int) -> Dict:
+    """Keyword arguments of ``<Estimator>.for_images`` from flags (JSON-able, stored in checkpoints)."""
+    sigma_y = getattr(args, "sigma_y", None)
+    sigma_y = TASKS[task].default_sigma_y if sigma_y is None else sigma_y
+    if estimator == "cmde":
+        return {"sigma_y_max": sigma_y}
+    if estimator == "vscmde":
+        target_step = getattr(args, "vs_target_step", None)
+        return {"sigma_y_target": sigma_y, "target_step": max(1, steps // 2) if target_step is None else target_step}
+    if estimator == "mr":
+        mr_sigma = getattr(args, "mr_sigma", None)
+        return {"lam_inf": (50.0 if mr_sigma is None else mr_sigma) / 255.0, "target": getattr(args, "mr_target", None) or "noise"}
+    return {}
+
+
+@dataclass
+class TrainedModel:
+    spec: ModelSpec
+    network: torch.nn.Module
+    estimator: object
+    step: int
+    path: Path
+
+
+def load_trained(checkpoint, device: torch.device, ema: bool = True) -> TrainedModel:
+    """A checkpoint written by ``msdiff train`` (a run directory or one of its checkpoints), ready to sample."""
+    from .training.checkpoint import load_checkpoint, read_state, resolve_checkpoint
+
+    try:
+        directory = resolve_checkpoint(checkpoint)
+    except FileNotFoundError:
+        raise CLIError(f"no checkpoint at {checkpoint}: expected a run directory written by `msdiff train --out DIR` "
+                       f"or one of its checkpoints/step_* directories") from None
+    try:
+        state = read_state(directory)
+    except Exception as err:  # a damaged state.pt can fail in many ways inside torch.load
+        raise CLIError(f"cannot read checkpoint {directory}: {_one_line(err)}") from None
+    spec = ModelSpec.from_description(state.get("description"), str(directory))
+    network = spec.network()
+    estimator = spec.build_estimator()
+    try:
+        load_checkpoint(directory, network, ema=ema)
+        estimator.load_state_dict(state["estimator"])
+    except Exception as err:  # damaged weights: safetensors and torch raise their own types
+        raise CLIError(f"cannot load checkpoint {directory}: {_one_line(err)}") from None
+    return TrainedModel(spec, network.to(device).eval(), estimator, int(state["step"]), directory)
+
+
+# ---------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler and its settings. name: mr-sde / mr-ode (the fast MR Sampler family), posterior
+    (IR-SDE's posterior sampling), pc (predictor-corrector: 2 network calls per step), euler
+    (Euler-Maruyama). nfe: network evaluations per sample. conditioning: how a multi-speed
+    model sees y (None: the estimator's default)."""
+
+    name: str
+    nfe: int
+    order: int = 2
+    prediction: str = "data"
+    timesteps: str = "uniform_lambda"
+    conditioning: Optional[str] = None
+
+    @property
+    def steps(self) -> int:
+        return self.nfe // 2 if self.name == "pc" else self.nfe
+
+    @property
+    def label(self) -> str:
+        if self.name.startswith("mr-"):
+            return f"{self.name} (order {self.order}, {self.prediction} prediction)"
+        return self.name
+
+    def check(self, estimator) -> None:
+        if self.name not in SAMPLERS:
+            raise CLIError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {self.name!r}", 2)
+        if not isinstance(self.nfe, int) or self.nfe < 1:
+            raise CLIError(f"--nfe: expected an integer >= 1, got {self.nfe!r}", 2)
+        if self.name == "pc" and (self.nfe < 2 or self.nfe % 2):
+            raise CLIError(f"--nfe: pc makes 2 network calls per step (corrector + predictor), so NFE must be even and >= 2, got {self.nfe}", 2)
+        max_order = 3 if self.name == "mr-ode" else 2
+        if self.name.startswith("mr-") and not 1 <= self.order <= max_order:
+            raise CLIError(f"--order: expected 1..{max_order} for {self.name}, got {self.order}", 2)
+        mean_reverting = getattr(estimator, "name", "") == "mr"
+        if self.name == "pc" and mean_reverting:
+            raise CLIError("--sampler pc: predictor-corrector is the VE reference sampler; for a mean-reverting model use posterior, mr-sde or mr-ode", 2)
+        if self.conditioning is not None and mean_reverting and self.conditioning != "clean":
+            raise CLIError(f"--conditioning: a mean-reverting model's condition is never diffused, expected 'clean', got {self.conditioning!r}", 2)
+        if self.conditioning is not None and getattr(estimator, "name", "") == "cde" and self.conditioning != "clean":
+            raise CLIError(f"--conditioning: CDE is trained with the clean condition, expected 'clean', got {self.conditioning!r}", 2)
+
+    def time_grid(self, sde) -> torch.Tensor:
+        """The times at which this sampler calls the model (for the 'consistent' conditioning)."""
+        from .samplers import get_timesteps
+
+        if self.name == "pc":
+            return get_timesteps(sde, self.steps, "uniform_t")
+        if self.name.startswith("mr-"):
+            return get_timesteps(sde, self.steps, self.timesteps)
+        return get_timesteps(sde, self.steps, "uniform_t")
+
+
+@torch.no_grad()
+def restore_batch(network: torch.nn.Module, estimator, y: torch.Tensor, spec: SamplerSpec, generator: torch.Generator) -> torch.Tensor:
+    """One sample of x given the conditions y [B, C, H, W] (on the network's device), in [0, 1]."""
+    from .samplers import MRSampler, euler_maruyama, pc_sample, posterior_sample
+
+    mean_reverting = estimator.name == "mr"
+    if mean_reverting:
+        sde, mu, output_kind = estimator.sde, y, estimator.model_output
+        model = estimator.sampling_model(network)
+        x_T = sde.prior(mu, generator)
+    else:
+        sde, mu, output_kind = estimator.sde.x, None, "noise"
+        times = spec.time_grid(sde) if spec.conditioning == "consistent" else None
+        model = estimator.sampling_model(network, y, mode=spec.conditioning, generator=generator, times=times)
+        x_T = sde.prior(torch.zeros_like(y[:, : estimator.x_shape[0]] if estimator.x_shape else y), generator)
+    if spec.name.startswith("mr-"):
+        sampler = MRSampler(sde, spec.steps, solver=spec.name[3:], order=spec.order, prediction=spec.prediction,
+                            model_output=output_kind, timesteps=spec.timesteps, clip=(0.0, 1.0))
+        x = sampler.sample(model, mu, x_T=x_T, generator=generator)
+    elif spec.name == "posterior":
+        x = posterior_sample(model, sde, mu, spec.steps, model_output=output_kind, x_T=x_T, generator=generator)
+    elif spec.name == "euler":
+        x = euler_maruyama(model, sde, mu, spec.steps, model_output=output_kind, x_T=x_T, generator=generator)
+    else:
+        x = pc_sample(model, sde, y, spec.steps, model_output=output_kind, x_T=x_T, generator=generator)
+    return x.clamp(0.0, 1.0)
+
+
+def upsample_condition(low_resolution: torch.Tensor, scale: int) -> torch.Tensor:
+    """The SR condition from a low-resolution image [..., h, w]: nearest upsampling, as in training."""
+    return low_resolution.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+
+
+# ---------------------------------------------------------------------------- metrics
+def image_metrics(samples: torch.Tensor, reference: torch.Tensor, operator: Optional[Callable] = None,
+                  feature_net: Optional[Callable] = None, lpips_net: Optional[Callable] = None,
+                  inception: Optional[Callable] = None) -> Dict[str, Optional[float]]:
+    """Metrics of restored ``samples`` [S, B, C, H, W] (S samples of each of B inputs) against
+    ``reference`` [B, C, H, W]: PSNR / SSIM / consistency / LPIPS averaged over every sample,
+    diversity (mean per-pixel std over the S samples, 0-255; None when S = 1), FID of all samples
+    vs the references with the SmallFeatureNet (``feature_net``; a demo statistic, not comparable
+    with published FID) and with Inception (``inception``). Missing metrics are None."""
+    from .metrics import consistency, diversity, fid, psnr, ssim
+
+    count = samples.shape[0]
+    flat = samples.reshape(-1, *samples.shape[2:]).float()
+    repeated = reference.float().repeat(count, 1, 1, 1)
+    values: Dict[str, Optional[float]] = {
+        "psnr": float(psnr(flat, repeated).mean()),
+        "ssim": float(ssim(flat, repeated).mean()) if min(reference.shape[-2:]) >= 11 else None,
+        "consistency": float(consistency(flat, repeated, operator).clamp(max=100).mean()) if operator is not None else None,
+        "diversity": float(diversity(samples.float()).mean()) if count > 1 else None,
+        "fid_small": fid(reference.float(), flat, feature_net) if feature_net is not None and reference.shape[0] >= 2 else None,
+        "fid_inception": fid(reference.float(), flat, inception) if inception is not None and reference.shape[0] >= 2 else None,
+        "lpips": float(torch.cat([lpips_net(flat[i:i + 16], repeated[i:i + 16]) for i in range(0, flat.shape[0], 16)]).mean()) if lpips_net is not None else None,
+    }
+    return values
+
+
+METRIC_LABELS = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "consistency": "consistency (dB)",
+    "diversity": "diversity (0-255)",
+    "lpips": "LPIPS",
+    "fid_small": "FID (SmallFeatureNet)",
+    "fid_inception": "FID (Inception)",
+}
+
+
+def format_number(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(format_number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- files and folders
+def writable_directory(path, flag: str = "--out") -> Path:
+    """Create ``path`` if needed and check that files can be written there."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".msdiff-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise CLIError(f"{flag} {directory}: cannot write there ({reason}); choose a directory you can write to") from None
+    return directory
+
+
+def list_images(folder, flag: str) -> List[Path]:
+    from .training import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise CLIError(f"{flag} {root}: no such directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise CLIError(f"{flag} {root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    return files
+
+
+def load_image(path: Path, channels: int) -> torch.Tensor:
+    from .training import read_image
+
+    try:
+        return read_image(path, channels)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"{_one_line(err)}; convert or remove that file") from None
+
+
+def device_from(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}", 2) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------- train
+def command_train(args: argparse.Namespace) -> int:
+    from .training import ConditionalPairs, ImageFolder, SyntheticImages
+    from .training.checkpoint import latest_checkpoint, read_state
+    from .training.trainer import TrainConfig, Trainer
+
+    out = writable_directory(args.out)
+    existing = latest_checkpoint(out)
+    if existing is not None and not args.resume:
+        raise CLIError(f"--out {out} already holds a run (latest checkpoint {existing.name}); pass --resume to continue it or choose another --out")
+    if args.resume and existing is None:
+        raise CLIError(f"--resume: no checkpoint under {out} to resume from; drop --resume to start a new run")
+    stored = ModelSpec.from_description(read_state(existing)["description"], str(existing)) if existing is not None else None
+    stored_config = read_state(existing).get("config", {}) if existing is not None else {}
+
+    def chosen(name: str, default):
+        """A flag's value; when resuming and the flag was not given, the run's stored value."""
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        if stored is not None and hasattr(stored, name):
+            return getattr(stored, name)
+        if name in stored_config:
+            return stored_config[name]
+        return default
+
+    task = chosen("task", "sr")
+    estimator_name = chosen("estimator", "cmde")
+    steps = args.steps
+    spec = ModelSpec(
+        task=task,
+        task_options=stored.task_options if stored is not None and _no_task_flags(args) else task_options(task, args),
+        estimator=estimator_name,
+        estimator_options=stored.estimator_options if stored is not None and _no_estimator_flags(args) else estimator_options(estimator_name, task, args, steps),
+        preset=chosen("preset", "tiny"),
+        image_size=chosen("image_size", None) or _preset_size(chosen("preset", "tiny")),
+        channels=chosen("channels", 3),
+    )
+    if spec.image_size % 4:
+        raise CLIError(f"--image-size: the U-Net halves the image twice, so it must be a multiple of 4, got {spec.image_size}", 2)
+    device = device_from(args.device)
+    try:
+        config = TrainConfig(
+            steps=steps, batch_size=chosen("batch_size", 16), lr=chosen("lr", 2e-4), warmup=chosen("warmup", 100),
+            grad_clip=chosen("grad_clip", 1.0), ema_decay=chosen("ema_decay", 0.999), amp=chosen("amp", "none"),
+            seed=chosen("seed", 0), log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints, out_dir=str(out), device=str(device), num_workers=args.workers,
+            progress=not args.no_progress, preview_every=args.preview_every,
+        )
+    except ValueError as err:
+        raise CLIError(_flag_message(err), 2) from None
+    if args.data is not None:
+        try:
+            images = ImageFolder(args.data, size=spec.image_size, crop="random", channels=spec.channels)
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(f"--data: {_one_line(err)}") from None
+    else:
+        images = SyntheticImages(args.synthetic_count, spec.image_size, spec.channels, seed=config.seed)
+    dataset = ConditionalPairs(images, spec.degradation(), seed=config.seed)
+    model = spec.network()
+    estimator = spec.build_estimator()
+    preview = _preview_writer(spec, dataset, out, device) if args.preview_every else None
+    write_json(out / "msdiff_train.json", {"command": _command_line(), "spec": spec.description(), "data": str(args.data) if args.data else f"SyntheticImages({args.synthetic_count})"})
+    print(f"msdiff train: {spec.estimator} for {spec.task} on {'images in ' + str(args.data) if args.data else f'{args.synthetic_count} synthetic images'} "
+          f"at {spec.image_size}x{spec.image_size}, {spec.preset} U-Net ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+          f"{config.steps} steps of {config.batch_size} on {device}", file=sys.stderr)
+    trainer = Trainer(model, estimator, dataset, config, preview=preview, description=spec.description())
+    try:
+        trainer.fit(resume=True if args.resume else False)
+    finally:
+        trainer.close()
+    checkpoint = latest_checkpoint(out)
+    loss = trainer.last_metrics.get("loss")
+    print(f"trained to step {trainer.step} in {trainer.seconds:.0f} s (last logged loss {format_number(loss, 4)}); checkpoint {checkpoint}")
+    print(f"next: msdiff sample --checkpoint {out} --input DEGRADED_IMAGES --out RESTORED")
+    return 0
+
+
+def _preset_size(preset: str) -> int:
+    from .models import PRESETS
+
+    if preset not in PRESETS:
+        raise CLIError(f"--preset: expected one of {', '.join(sorted(PRESETS))}, got {preset!r}", 2)
+    return PRESETS[preset].image_size
+
+
+def _no_task_flags(args) -> bool:
+    return all(getattr(args, name, None) is None for name in TASK_OPTION_DEFAULTS)
+
+
+def _no_estimator_flags(args) -> bool:
+    return all(getattr(args, name, None) is None for name in ("sigma_y", "vs_target_step", "mr_sigma", "mr_target"))
+
+
+def _flag_message(error: ValueError) -> str:
+    """TrainConfig.batch_size: ... -> --batch-size: ..."""
+    text = _one_line(error)
+    renames = {"batch_size": "batch-size", "ema_decay": "ema-decay", "grad_clip": "grad-clip", "checkpoint_every": "checkpoint-every",
+               "log_every": "log-every", "preview_every": "preview-every", "keep_checkpoints": "keep-checkpoints", "num_workers": "workers"}
+    if text.startswith("TrainConfig."):
+        name, _, rest = text[len("TrainConfig."):].partition(":")
+        return f"--{renames.get(name, name)}:{rest}"
+    return text
+
+
+def _preview_writer(spec: ModelSpec, dataset, out: Path, device: torch.device):
+    """A preview(trainer, step) that writes previews/step_N.png: condition / EMA sample (mr-sde, NFE 10) / truth."""
+    from .training import save_grid
+
+    count = min(8, len(dataset))
+    truth = torch.stack([dataset[i][0] for i in range(count)])
+    condition = torch.stack([dataset[i][1] for i in range(count)])
+    sampler = SamplerSpec("mr-sde", 10)
+
+    def preview(trainer, step: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        sample = restore_batch(trainer.ema, trainer.estimator, condition.to(device), sampler, generator).cpu()
+        save_grid(out / "previews" / f"step_{step:08d}.png", [condition, sample, truth])
+
+    return preview
+
+
+# ---------------------------------------------------------------------------- sample
+def command_sample(args: argparse.Namespace) -> int:
+    from .tiling import restore_tiled
+    from .training import write_image
+
+    device = device_from(args.device)
+    trained = load_trained(args.checkpoint, device, ema=not args.raw_weights)
+    spec = trained.spec
+    if args.task is not None and args.task != spec.task:
+        raise CLIError(f"--task {args.task}: checkpoint {trained.path} was trained for task {spec.task!r}; "
+                       f"use a checkpoint trained for {args.task!r} or drop --task")
+    sampler = SamplerSpec(args.sampler, args.nfe, args.order, args.prediction, args.timesteps, args.conditioning)
+    sampler.check(trained.estimator)
+    tile = spec.image_size
+    overlap = tile // 4 if args.overlap is None else args.overlap
+    if not 0 <= overlap < tile:
+        raise CLIError(f"--overlap: expected 0 <= overlap < tile size {tile}, got {overlap}", 2)
+    if args.batch < 1 or args.num_samples < 1:
+        raise CLIError(f"--batch, --num-samples: expected integers >= 1, got {args.batch}, {args.num_samples}", 2)
+    files = list_images(args.input, "--input")
+    out = writable_directory(args.out)
+    conditions = []
+    for path in files:
+        image = load_image(path, spec.channels)
+        if spec.task == "sr" and not args.inputs_upsampled:
+            image = upsample_condition(image, spec.task_options["scale"])
+        conditions.append(image)
+    generator = torch.Generator().manual_seed(args.seed)
+    print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
+          f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}, tiles {tile}px overlap {overlap}", file=sys.stderr)
+
+    def restore(batch: torch.Tensor) -> torch.Tensor:
+        return restore_batch(trained.network, trained.estimator, batch.to(device), sampler, generator).cpu()
+
+    started = time.perf_counter()
+    written = 0
+    for sample_index in range(args.num_samples):
+        target = out / f"sample_{sample_index}" if args.num_samples > 1 else out
+        chunk = max(1, args.batch)
+        for start in tqdm(range(0, len(files), chunk), desc=f"sample {sample_index + 1}/{args.num_samples}", unit="batch", disable=args.no_progress):
+            restored = restore_tiled(restore, conditions[start:start + chunk], tile, overlap, args.batch)
+            for path, image in zip(files[start:start + chunk], restored):
+                destination = target / path.relative_to(args.input).with_suffix(".png")
+                try:
+                    write_image(destination, image)
+                except OSError as err:
+                    raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
+                written += 1
+    seconds = time.perf_counter() - started
+    print(f"wrote {written} images to {out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def command_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import LPIPS, SmallFeatureNet, load_inception_torchscript
+
+    reference_files = list_images(args.reference, "--reference")
+    restored_root = Path(args.restored)
+    if not restored_root.is_dir():
+        raise CLIError(f"--restored {restored_root}: no such directory")
+    sample_dirs = sorted(p for p in restored_root.iterdir() if p.is_dir() and p.name.startswith("sample_")) or [restored_root]
+    by_stem = {p.relative_to(args.reference).with_suffix("").as_posix(): p for p in reference_files}
+    samples = []
+    for folder in sample_dirs:
+        found = {p.relative_to(folder).with_suffix("").as_posix(): p for p in list_images(folder, "--restored")}
+        missing = sorted(by_stem.keys() - found.keys())
+        if missing:
+            raise CLIError(f"--restored {folder}: no restored image for {len(missing)} reference image(s), e.g. {missing[0]!r}; "
+                           f"file names (without extension) must match those under --reference")
+        samples.append(torch.stack([load_image(found[stem], args.channels) for stem in sorted(by_stem)]))
+    reference = torch.stack([load_image(by_stem[stem], args.channels) for stem in sorted(by_stem)])
+    if samples[0].shape != reference.shape:
+        raise CLIError(f"--restored: images of shape {tuple(samples[0].shape[1:])} vs --reference {tuple(reference.shape[1:])}; they must match")
+    mask = None
+    options = task_options(args.task, args) if args.task else {}
+    if args.task == "inpaint":
+        if args.degraded is None:
+            raise CLIError("--task inpaint: consistency needs the hole of each image: pass --degraded DIR (the inputs given to `msdiff sample`)")
+        degraded = torch.stack([load_image(p, args.channels) for _, p in sorted(_stems(list_images(args.degraded, "--degraded"), args.degraded).items())])
+        if degraded.shape != reference.shape:
+            raise CLIError(f"--degraded: images of shape {tuple(degraded.shape[1:])} vs --reference {tuple(reference.shape[1:])}; they must match")
+        # the hole is where every channel holds the fill value 0 (an observed black pixel is
+        # counted as hole too: it is then excluded from the consistency, never misjudged)
+        mask = (degraded.amax(dim=1, keepdim=True) > 0).float()
+    operator = consistency_operator(args.task, options, mask) if args.task else None
+    lpips_net = None
+    if args.lpips_weights:
+        try:
+            lpips_net = LPIPS(weights=args.lpips_weights)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise CLIError(f"--lpips-weights: {_one_line(err)}") from None
+    inception = None
+    if args.inception:
+        try:
+            inception = load_inception_torchscript(args.inception)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise CLIError(f"--inception: {_one_line(err)}") from None
+    feature_net = SmallFeatureNet(reference.shape[1]) if args.small_fid else None
+    with torch.no_grad():
+        values = image_metrics(torch.stack(samples), reference, operator, feature_net, lpips_net, inception)
+    out = writable_directory(args.out or restored_root)
+    report = {"restored": str(restored_root), "reference": str(args.reference), "images": reference.shape[0],
+              "samples_per_image": len(samples), "task": args.task, "task_options": options, "metrics": values,
+              "notes": {"fid_small": "FID with a fixed random SmallFeatureNet: for comparing runs here only, not comparable with published FID"}}
+    write_json(out / "metrics.json", report)
+    rows = [(METRIC_LABELS[name], value) for name, value in values.items() if value is not None]
+    text = (f"# msdiff evaluate\n\n{reference.shape[0]} images, {len(samples)} sample(s) each; restored `{restored_root}` vs reference `{args.reference}`"
+            f"{f'; task {args.task}' if args.task else ''}.\n\n" + markdown_table(["metric", "value"], rows))
+    if values.get("fid_small") is not None:
+        text += "\nFID (SmallFeatureNet) uses a small fixed random network: compare runs with it, never with published FID.\n"
+    (out / "metrics.md").write_text(text)
+    print(markdown_table(["metric", "value"], rows), end="")
+    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    return 0
+
+
+def _stems(files: Sequence[Path], root) -> Dict[str, Path]:
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in files}
+
+
+# ---------------------------------------------------------------------------- bench
+def benchmarks_directory(given: Optional[str]) -> Path:
+    if given is not None:
+        return Path(given)
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    if args.list or args.script:
+        return _run_benchmark_script(args)
+    device = device_from(args.device)
+    if args.checkpoint:
+        trained = load_trained(args.checkpoint, device)
+        network, estimator, spec = trained.network, trained.estimator, trained.spec
+    else:
+        estimator_name = args.estimator or "cmde"
+        task = args.task or "sr"
+        spec = ModelSpec(task, task_options(task, args), estimator_name, estimator_options(estimator_name, task, args, 1000),
+                         "tiny", args.image_size or 32, 3)
+        torch.manual_seed(args.seed)
+        network, estimator = spec.network().to(device).eval(), spec.build_estimator()
+    reference = SamplerSpec("posterior", args.reference_nfe) if estimator.name == "mr" else SamplerSpec("pc", args.reference_nfe + args.reference_nfe % 2)
+    runs = [SamplerSpec(name, nfe, args.order) for name in args.samplers for nfe in args.nfe] + [reference]
+    for run in runs:
+        run.check(estimator)
+    size = spec.image_size
+    condition = torch.rand(args.batch, spec.channels, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    rows, timings = [], {}
+    restore_batch(network, estimator, condition, SamplerSpec("mr-ode", 1, 1), torch.Generator().manual_seed(0))  # warm-up
+    for run in tqdm(runs, desc="bench", unit="sampler", disable=args.no_progress):
+        seconds = []
+        for repeat in range(args.repeats):
+            _synchronize(device)
+            started = time.perf_counter()
+            restore_batch(network, estimator, condition, run, torch.Generator().manual_seed(args.seed + repeat))
+            _synchronize(device)
+            seconds.append(time.perf_counter() - started)
+        timings[(run.name, run.nfe)] = sorted(seconds)[len(seconds) // 2]
+    reference_time = timings[(reference.name, reference.nfe)]
+    for run in runs:
+        median = timings[(run.name, run.nfe)]
+        rows.append((run.label, run.nfe, median, 1000 * median / args.batch, 1000 * median / run.nfe, reference_time / median))
+    header = ["sampler", "NFE", "seconds per batch", "ms per image", "ms per NFE", f"speed-up vs {reference.name} {reference.nfe}"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    title = (f"msdiff bench: {spec.estimator} {spec.preset} U-Net at {size}x{size}, batch {args.batch}, {device_name}, "
+             f"median of {args.repeats}, {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random weights (timing only)'}")
+    table = markdown_table(header, rows)
+    print(title)
+    print(table, end="")
+    if args.out:
+        out = writable_directory(args.out)
+        write_json(out / "bench.json", {"title": title, "command": _command_line(), "torch": torch.__version__,
+                                         "rows": [dict(zip(["sampler", "nfe", "seconds", "ms_per_image", "ms_per_nfe", "speedup"], row)) for row in rows]})
+        (out / "bench.md").write_text(f"# {title}\n\n`{_command_line()}`\n\n{table}")
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_benchmark_script(args: argparse.Namespace) -> int:
+    folder = benchmarks_directory(args.benchmarks_dir)
+    scripts = sorted(folder.glob("benchmark_*.py")) if folder.is_dir() else []
+    if args.list:
+        if not scripts:
+            raise CLIError(f"no benchmark scripts in {folder}: they live in the source checkout's benchmarks/ folder; pass --benchmarks-dir")
+        for script in scripts:
+            print(script.stem[len("benchmark_"):])
+        return 0
+    name = args.script[len("benchmark_"):] if args.script.startswith("benchmark_") else args.script
+    name = name[:-3] if name.endswith(".py") else name
+    script = folder / f"benchmark_{name}.py"
+    if not script.is_file():
+        available = ", ".join(s.stem[len("benchmark_"):] for s in scripts) or "none found"
+        raise CLIError(f"--script {args.script}: no {script} (available: {available}); see `msdiff bench --list`")
+    extra = list(args.script_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
+# ---------------------------------------------------------------------------- demo
+def command_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings.full()
+    overrides = {name: getattr(args, name) for name in ("train_steps", "batch_size", "test_images", "pc_nfe", "posterior_nfe", "image_size", "seed") if getattr(args, name) is not None}
+    if args.nfe is not None:
+        overrides["nfe"] = tuple(args.nfe)
+    try:
+        settings = settings.replace(**overrides)
+    except ValueError as err:
+        raise CLIError(_one_line(err), 2) from None
+    out = writable_directory(args.out)
+    run_demo(settings, out, device_from(args.device), progress=not args.no_progress, command=_command_line())
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as CLIError, printed by main)."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see '{self.prog} --help')", 2)
+
+
+def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (keys: these flags' long names); flags given here win")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", type=int, help=f"sr: upscaling factor (default {TASK_OPTION_DEFAULTS['scale']})")
+    parser.add_argument("--hole-fraction", dest="hole_fraction", type=float, help=f"inpaint: hole area fraction (default {TASK_OPTION_DEFAULTS['hole_fraction']})")
+    parser.add_argument("--noise-sigma", dest="noise_sigma", type=float, help=f"denoise: noise std on the 0-255 scale (default {TASK_OPTION_DEFAULTS['noise_sigma']:g})")
+    parser.add_argument("--quality", type=int, help=f"jpeg: JPEG quality 1-100 (default {TASK_OPTION_DEFAULTS['quality']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    tasks = "\n".join(f"  {task.name:<12} {task.summary}" for task in TASKS.values())
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=_HelpFormatter,
+        description="Conditional score-based diffusion for image inverse problems, sampled in 5-20 network evaluations.",
+        epilog=("start here:\n  msdiff demo --out demo_out        trains, samples and evaluates small models on a CPU (~15 min)\n\n"
+                "a full round trip:\n  msdiff train --task sr --estimator cmde --steps 20000 --out runs/sr\n"
+                "  msdiff sample --checkpoint runs/sr --input low_res/ --out restored/ --sampler mr-sde --nfe 10\n"
+                "  msdiff evaluate --restored restored/ --reference high_res/ --task sr\n\n"
+                "errors print one line; set MSDIFF_TRACEBACK=1 to see the traceback"),
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"msdiff_fast {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", formatter_class=_HelpFormatter, help="train, sample and evaluate small models on a CPU; write a report",
+                               description=("Trains a CMDE super-resolution model and a mean-reverting denoising model (tiny U-Net) on synthetic\n"
+                                            "images, samples them with the fast MR Sampler solvers (NFE 5/10/20) and the reference samplers\n"
+                                            "(predictor-corrector, posterior sampling), evaluates them and writes to --out:\n"
+                                            "  report.md     what was run, metrics table, timings, NFE and speed-up\n"
+                                            "  metrics.json  every number of the report\n"
+                                            "  samples.png   condition / samples / ground truth\n"
+                                            "  nfe_curve.png quality vs NFE per sampler\n"
+                                            "About 15 minutes on 2 CPU cores; --quick takes under 2 minutes (tiny settings, for CI).\n"
+                                            "Seeded: the same command on the same machine gives the same numbers."),
+                               epilog="example:\n  msdiff demo --out demo_out\n  msdiff demo --quick --out /tmp/demo")
+    demo.add_argument("--out", required=True, help="output directory (created if needed)")
+    demo.add_argument("--quick", action="store_true", help="tiny settings for CI: finite numbers, not meaningful quality")
+    demo.add_argument("--train-steps", dest="train_steps", type=int, help="training steps per model (default: 1500 full, 30 quick)")
+    demo.add_argument("--batch-size", dest="batch_size", type=int, help="training batch (default: 16 full, 8 quick)")
+    demo.add_argument("--image-size", dest="image_size", type=int, help="image size, a multiple of 4 (default: 32 full, 16 quick)")
+    demo.add_argument("--test-images", dest="test_images", type=int, help="held-out images to restore (default: 16 full, 4 quick)")
+    demo.add_argument("--nfe", type=int, nargs="+", help="NFEs of the fast samplers (default: 5 10 20)")
+    demo.add_argument("--pc-nfe", dest="pc_nfe", type=int, help="NFE of predictor-corrector (usual: 2000; default 1000 full, 20 quick)")
+    demo.add_argument("--posterior-nfe", dest="posterior_nfe", type=int, help="NFE of posterior sampling (usual: 100; default 100 full, 10 quick)")
+    demo.add_argument("--seed", type=int, help="seed of data, training and sampling (default 0)")
+    _add_common(demo)
+    demo.set_defaults(handler=command_demo)
+
+    train = commands.add_parser("train", formatter_class=_HelpFormatter, help="train a conditional diffusion model",
+                                description=("Trains a conditional score model (or a mean-reverting model) for one task and writes\n"
+                                             "atomic checkpoints to OUT/checkpoints (EMA weights are what `msdiff sample` uses).\n"
+                                             "Data: a folder of images (--data; random crops of --image-size) or, by default, synthetic\n"
+                                             "images that need no download. The condition y is made on the fly by the task's degradation.\n\n"
+                                             f"tasks:\n{tasks}\n\n"
+                                             "estimators:\n  cde     clean condition (Batzolis et al.)\n  cdiffe  condition diffused like x\n"
+                                             "  cmde    condition diffused at its own, slower speed (--sigma-y)\n  vscmde  cmde whose sigma_y falls during training\n"
+                                             "  mr      mean-reverting diffusion towards the degraded image (IR-SDE / DA-CLIP style)"),
+                                epilog=("examples:\n  msdiff train --task sr --scale 4 --estimator cmde --steps 20000 --out runs/sr4\n"
+                                        "  msdiff train --task denoise --estimator mr --data photos/ --image-size 64 --out runs/dn\n"
+                                        "  msdiff train --out runs/sr4 --resume --steps 40000     # continue a run (its settings are kept)"))
+    train.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, previews/")
+    train.add_argument("--task", choices=sorted(TASKS), help="inverse problem (default sr)")
+    _add_task_options(train)
+    train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="conditional score estimator (default cmde)")
+    train.add_argument("--sigma-y", dest="sigma_y", type=float, help="cmde: sigma_y_max; vscmde: its final value (default 0.5 for sr, 1 otherwise)")
+    train.add_argument("--vs-target-step", dest="vs_target_step", type=int, help="vscmde: step at which sigma_y reaches --sigma-y (default steps/2)")
+    train.add_argument("--mr-sigma", dest="mr_sigma", type=float, help="mr: stationary noise std on the 0-255 scale (default 50, as DA-CLIP)")
+    train.add_argument("--mr-target", dest="mr_target", choices=("noise", "data", "velocity"), help="mr: what the network predicts (default noise)")
+    train.add_argument("--preset", help="U-Net preset: tiny, edges2shoes_64, celeba_inpaint_128, celeba_sr_x8_160 (default tiny)")
+    train.add_argument("--image-size", dest="image_size", type=int, help="training image size (default: the preset's)")
+    train.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB (default 3)")
+    train.add_argument("--data", help="folder of training images (default: synthetic images)")
+    train.add_argument("--synthetic-count", dest="synthetic_count", type=int, default=4096, help="number of synthetic images when --data is not given")
+    train.add_argument("--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this)")
+    train.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 16)")
+    train.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    train.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
+    train.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clip (default 1)")
+    train.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay (default 0.999, warmed up)")
+    train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default none; fp16 needs a GPU)")
+    train.add_argument("--seed", type=int, help="seed of data and training (default 0)")
+    train.add_argument("--log-every", dest="log_every", type=int, default=50, help="steps between metrics.jsonl lines")
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1000, help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    train.add_argument("--preview-every", dest="preview_every", type=int, default=0, help="steps between preview grids in OUT/previews (0: none)")
+    train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_common(train)
+    train.set_defaults(handler=command_train)
+
+    sample = commands.add_parser("sample", formatter_class=_HelpFormatter, help="restore a folder of degraded images with a trained model",
+                                 description=("Restores every image under --input with a checkpoint of `msdiff train` and writes PNGs with the\n"
+                                              "same relative names under --out. Images larger than the training size are restored in\n"
+                                              "overlapping tiles of the training size, blended with a smooth window; smaller ones are padded.\n"
+                                              "For sr the inputs are the low-resolution images (upsampled by --scale here).\n\n"
+                                              "samplers (NFE = network evaluations per image):\n"
+                                              "  mr-sde     MR Sampler, reverse SDE, order 1-2 (fast; 5-20 NFE)\n"
+                                              "  mr-ode     MR Sampler, probability-flow ODE, order 1-3 (fast, deterministic given x_T)\n"
+                                              "  posterior  posterior sampling of IR-SDE / DA-CLIP (reference for mr models; usually 100)\n"
+                                              "  pc         predictor-corrector (reference for VE models; usually 2000 = 1000 steps x 2)\n"
+                                              "  euler      Euler-Maruyama on the reverse SDE"),
+                                 epilog=("examples:\n  msdiff sample --checkpoint runs/sr --input low_res/ --out restored/ --nfe 10\n"
+                                         "  msdiff sample --checkpoint runs/dn --input noisy/ --out clean/ --sampler posterior --nfe 100\n"
+                                         "  msdiff sample --checkpoint runs/sr --input lr/ --out many/ --num-samples 5   # many/sample_0..4"))
+    sample.add_argument("--checkpoint", required=True, help="run directory of `msdiff train` (its latest checkpoint) or a checkpoints/step_* directory")
+    sample.add_argument("--input", required=True, help="folder of degraded images (searched recursively)")
+    sample.add_argument("--out", required=True, help="folder for the restored PNGs")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="mr-sde", help="sampler")
+    sample.add_argument("--nfe", type=int, default=10, help="network evaluations per image (pc: 2 per step)")
+    sample.add_argument("--order", type=int, default=2, help="mr-sde: 1-2, mr-ode: 1-3")
+    sample.add_argument("--prediction", choices=("data", "noise"), default="data", help="mr-*: solve for the data or the noise prediction")
+    sample.add_argument("--timesteps", choices=TIMESTEPS, default="uniform_lambda", help="mr-*: time grid")
+    sample.add_argument("--conditioning", choices=("fresh", "clean", "consistent"), help="cdiffe/cmde/vscmde: how the condition is diffused at each call (default fresh; cde, mr: clean)")
+    sample.add_argument("--task", choices=sorted(TASKS), help="check that the checkpoint was trained for this task")
+    sample.add_argument("--inputs-upsampled", dest="inputs_upsampled", action="store_true", help="sr: the inputs are already at the output size")
+    sample.add_argument("--batch", type=int, default=16, help="tiles restored together")
+    sample.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter of the tile)")
+    sample.add_argument("--num-samples", dest="num_samples", type=int, default=1, help="samples per image; > 1 writes OUT/sample_K/")
+    sample.add_argument("--raw-weights", dest="raw_weights", action="store_true", help="use the raw weights instead of the EMA ones")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_common(sample)
+    sample.set_defaults(handler=command_sample)
+
+    evaluate = commands.add_parser("evaluate", formatter_class=_HelpFormatter, help="metrics of restored images against the ground truth",
+                                   description=("PSNR and SSIM (0-255 scale, as the paper), consistency PSNR(A(x_hat), A(x)) for tasks with a\n"
+                                                "forward operator A (sr, blur, edges; inpaint with --degraded), diversity when --restored holds\n"
+                                                "sample_K/ folders, LPIPS (--lpips-weights) and FID (--inception; --small-fid for a quick,\n"
+                                                "non-comparable FID). Files are matched by relative name without extension.\n"
+                                                "Writes metrics.json and metrics.md to --out (default: the --restored folder)."),
+                                   epilog=("example:\n  msdiff evaluate --restored restored/ --reference high_res/ --task sr --scale 4\n"
+                                           "  msdiff evaluate --restored many/ --reference truth/ --lpips-weights weights/ --inception weights/inception-2015-12-05.pt"))
+    evaluate.add_argument("--restored", required=True, help="folder of restored images (or of sample_K/ folders)")
+    evaluate.add_argument("--reference", required=True, help="folder of ground-truth images")
+    evaluate.add_argument("--degraded", help="folder of the degraded inputs (inpaint: gives the holes)")
+    evaluate.add_argument("--task", choices=sorted(TASKS), help="task, for the consistency metric")
+    _add_task_options(evaluate)
+    evaluate.add_argument("--channels", type=int, choices=(1, 3), default=3, help="read images as grey (1) or RGB (3)")
+    evaluate.add_argument("--lpips-weights", dest="lpips_weights", help="directory with alexnet-owt-7be5be79.pth and LPIPS alex.pth (never downloaded)")
+    evaluate.add_argument("--inception", help="NVIDIA's inception-2015-12-05.pt TorchScript file, for FID (never downloaded)")
+    evaluate.add_argument("--small-fid", dest="small_fid", action="store_true", help="also an FID with a small random network (only to compare runs here)")
+    evaluate.add_argument("--out", help="folder for metrics.json and metrics.md (default: --restored)")
+    _add_common(evaluate, device=False)
+    evaluate.set_defaults(handler=command_evaluate)
+
+    bench = commands.add_parser("bench", formatter_class=_HelpFormatter, help="sampler speed (NFE vs time) or the benchmarks/ scripts",
+                                description=("Without --script: times the samplers on one batch (a checkpoint, or a tiny U-Net with random\n"
+                                             "weights: the time of a sampler does not depend on what the network learned) and prints\n"
+                                             "NFE, time and speed-up against the reference sampler (pc for VE models, posterior for mr).\n"
+                                             "With --script NAME: runs benchmarks/benchmark_NAME.py, passing on the arguments after --."),
+                                epilog=("examples:\n  msdiff bench --nfe 5 10 20 --batch 16\n  msdiff bench --checkpoint runs/dn --out bench_out\n"
+                                        "  msdiff bench --list\n  msdiff bench --script ops -- --sizes 1024 65536"))
+    bench.add_argument("--checkpoint", help="a `msdiff train` run or checkpoint (default: random tiny U-Net)")
+    bench.add_argument("--task", choices=sorted(TASKS), help="without --checkpoint: task of the random model (default sr)")
+    _add_task_options(bench)
+    bench.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="without --checkpoint: estimator of the random model (default cmde)")
+    bench.add_argument("--image-size", dest="image_size", type=int, help="without --checkpoint: image size (default 32)")
+    bench.add_argument("--samplers", nargs="+", choices=("mr-sde", "mr-ode", "euler"), default=["mr-sde", "mr-ode"], help="fast samplers to time")
+    bench.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="NFEs of the fast samplers")
+    bench.add_argument("--order", type=int, default=2, help="MR Sampler order")
+    bench.add_argument("--reference-nfe", dest="reference_nfe", type=int, default=100, help="NFE of the reference sampler (its usual: pc 2000, posterior 100)")
+    bench.add_argument("--batch", type=int, default=8, help="images per batch")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    bench.add_argument("--seed", type=int, default=0, help="seed")
+    bench.add_argument("--out", help="also write bench.json and bench.md here")
+    bench.add_argument("--script", help="run benchmarks/benchmark_SCRIPT.py instead")
+    bench.add_argument("--list", action="store_true", help="list the benchmark scripts")
+    bench.add_argument("--benchmarks-dir", dest="benchmarks_dir", help="folder of benchmark scripts (default: the checkout's benchmarks/)")
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for --script, after --")
+    _add_common(bench)
+    bench.set_defaults(handler=command_bench)
+    return parser
+
+
+# ---------------------------------------------------------------------------- config files
+def load_config(path: str, command: str) -> Dict:
+    """Settings for ``command`` from a JSON or TOML file: its [command] table, else its top level."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--config {file}: no such file")
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--config {file}: cannot read it ({_one_line(err)})") from None
+    if file.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise CLIError(f"--config {file}: TOML needs Python 3.11+ (tomllib); write the settings as JSON instead") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise CLIError(f"--config {file}: invalid TOML ({_one_line(err)})") from None
+    elif file.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--config {file}: invalid JSON ({_one_line(err)})") from None
+    else:
+        raise CLIError(f"--config {file}: expected a .json or .toml file")
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {file}: expected a table of settings, got {type(data).__name__}")
+    section = data.get(command)
+    if isinstance(section, dict):
+        return section
+    return {key: value for key, value in data.items() if not (isinstance(value, dict) and key in ("demo", "train", "sample", "evaluate", "bench"))}
+
+
+def config_arguments(settings: Dict, subparser: argparse.ArgumentParser, source: str) -> List[str]:
+    """Command-line tokens equivalent to ``settings`` (placed before the user's flags, which win)."""
+    actions = {}
+    for action in subparser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions[option[2:].replace("-", "_")] = (option, action)
+    tokens: List[str] = []
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name in ("config", "help") or name not in actions:
+            valid = ", ".join(sorted(k.replace("_", "-") for k in actions if k not in ("config", "help")))
+            raise CLIError(f"--config {source}: unknown setting {key!r} for `msdiff {subparser.prog.split()[-1]}` (valid: {valid})", 2)
+        option, action = actions[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise CLIError(f"--config {source}: {key} expects true or false, got {value!r}", 2)
+            tokens += [option] if value else []
+        elif isinstance(value, list):
+            if action.nargs not in ("+", "*"):
+                raise CLIError(f"--config {source}: {key} expects one value, got a list {value!r}", 2)
+            tokens += [option, *map(str, value)]
+        elif isinstance(value, (dict, bool)) or value is None:
+            raise CLIError(f"--config {source}: {key} expects a {'list' if action.nargs in ('+', '*') else 'number or string'}, got {value!r}", 2)
+        else:
+            tokens += [option, *([str(value)] if action.nargs not in ("+", "*") else [str(value)])]
+    return tokens
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise CLIError("choose a command: demo, train, sample, evaluate or bench (start with `msdiff demo --out demo_out`)", 2)
+    if getattr(args, "config", None):
+        subparser = parser._subparsers._group_actions[0].choices[args.command]
+        tokens = config_arguments(load_config(args.config, args.command), subparser, args.config)
+        position = list(argv).index(args.command)
+        args = parser.parse_args([*argv[: position + 1], *tokens, *argv[position + 1:]])
+    return args
+
+
+# ---------------------------------------------------------------------------- entry point
+def _command_line() -> str:
+    return " ".join([PROG, *sys.argv[1:]]) if sys.argv and sys.argv[0] else PROG
+
+
+def json_ready(value):
+    """``value`` with non-finite floats as strings ("inf") and other objects as their str: strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``msdiff`` with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = os.environ.get("MSDIFF_TRACEBACK", "") not in ("", "0")
+    try:
+        args = parse_arguments(argv)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except CLIError as err:
+        if show_traceback:
+            raise
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return err.code
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as err:
+        # The library's input checks raise ValueError / TypeError with a message that names the
+        # argument; files raise OSError; a diverging sampler raises FloatingPointError.
+        if show_traceback:
+            raise
+        print(f"{PROG}: error: {_one_line(err)} (set MSDIFF_TRACEBACK=1 for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,175 @@
+"""Restore images of any size with a model trained on fixed-size crops: overlapping tiles.
+
+An image is padded (reflect, or replicate where it is too small to reflect) to at least the tile
+size, split into tiles of the model's size that overlap by ``overlap`` pixels, the tiles of many
+images are restored together in batches, and each output pixel is the weighted mean of the tiles
+that cover it. A tile's weight ramps up smoothly (raised cosine) over ``overlap`` pixels on every
+side that borders another tile and is flat elsewhere, so seams between independently sampled
+tiles fade out instead of showing. The weights are normalised by their sum at every pixel, so
+they sum to one exactly and an identity restorer gives back the input image bit for bit.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["TileLayout", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets of tiles of size ``tile`` covering [0, length) with at least ``overlap`` shared
+    pixels between neighbours; the last tile is moved back to end exactly at ``length``."""
+    _check_int(tile, "tile", 1)
+    _check_int(length, "length", tile)
+    _check_int(overlap, "overlap", 0)
+    if overlap >= tile:
+        raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    return sorted({min(i * stride, length - tile) for i in range(count)})
+
+
+def _ramp(overlap: int, dtype: torch.dtype) -> torch.Tensor:
+    """Raised-cosine weights in (0, 1) for the first ``overlap`` pixels of a tile side."""
+    position = (torch.arange(overlap, dtype=dtype) + 0.5) / overlap
+    return torch.sin(0.5 * math.pi * position) ** 2
+
+
+def tile_window(size: int, overlap: int, ramp_start: bool, ramp_end: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """1-D window of a tile side: a ramp over ``overlap`` pixels at each end that has a neighbour, 1 elsewhere."""
+    window = torch.ones(size, dtype=dtype)
+    ramp_length = min(overlap, size // 2)
+    if ramp_length:
+        ramp = _ramp(ramp_length, dtype)
+        if ramp_start:
+            window[:ramp_length] = ramp
+        if ramp_end:
+            window[size - ramp_length:] = ramp.flip(0)
+    return window
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the tiles of one image sit: its size, its padded size and the tiles' top-left corners."""
+
+    height: int
+    width: int
+    padded_height: int
+    padded_width: int
+    tile: int
+    overlap: int
+    rows: Tuple[int, ...]
+    cols: Tuple[int, ...]
+
+    @classmethod
+    def for_image(cls, height: int, width: int, tile: int, overlap: int) -> "TileLayout":
+        _check_int(height, "height", 1)
+        _check_int(width, "width", 1)
+        padded_height, padded_width = max(height, tile), max(width, tile)
+        rows = tile_starts(padded_height, tile, overlap)
+        cols = tile_starts(padded_width, tile, overlap)
+        return cls(height, width, padded_height, padded_width, tile, overlap, tuple(rows), tuple(cols))
+
+    @property
+    def corners(self) -> List[Tuple[int, int]]:
+        return [(top, left) for top in self.rows for left in self.cols]
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def window(self, top: int, left: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """[tile, tile] weight of the tile at (top, left): ramps only towards neighbouring tiles."""
+        vertical = tile_window(self.tile, self.overlap, top > self.rows[0], top < self.rows[-1], dtype)
+        horizontal = tile_window(self.tile, self.overlap, left > self.cols[0], left < self.cols[-1], dtype)
+        return vertical[:, None] * horizontal[None, :]
+
+
+def blend_weights(layout: TileLayout, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[tiles, padded_height, padded_width] normalised weight of every tile at every pixel (zero
+    outside the tile); they sum to one at every pixel of the padded image."""
+    weights = torch.zeros(len(layout), layout.padded_height, layout.padded_width, dtype=dtype)
+    for index, (top, left) in enumerate(layout.corners):
+        weights[index, top:top + layout.tile, left:left + layout.tile] = layout.window(top, left, dtype)
+    return weights / weights.sum(dim=0, keepdim=True)
+
+
+def _pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad [C, H, W] at the bottom and right to (height, width); reflect where the image allows."""
+    pad_bottom, pad_right = height - image.shape[1], width - image.shape[2]
+    if pad_bottom == 0 and pad_right == 0:
+        return image
+    reflectable = pad_bottom < image.shape[1] and pad_right < image.shape[2]
+    return F.pad(image[None], (0, pad_right, 0, pad_bottom), mode="reflect" if reflectable else "replicate")[0]
+
+
+def split_tiles(image: torch.Tensor, tile: int, overlap: int) -> Tuple[torch.Tensor, TileLayout]:
+    """[C, H, W] -> (tiles [N, C, tile, tile], layout) with N = len(layout)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or not image.is_floating_point():
+        got = f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image: expected a float tensor [C, H, W], got {got}")
+    layout = TileLayout.for_image(image.shape[1], image.shape[2], tile, overlap)
+    padded = _pad(image, layout.padded_height, layout.padded_width)
+    tiles = torch.stack([padded[:, top:top + tile, left:left + tile] for top, left in layout.corners])
+    return tiles, layout
+
+
+def merge_tiles(tiles: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Blend restored tiles [N, C, tile, tile] back into one [C, H, W] image (accumulated in float64)."""
+    expected = (len(layout), layout.tile, layout.tile)
+    if not isinstance(tiles, torch.Tensor) or tiles.ndim != 4 or (tiles.shape[0], *tiles.shape[2:]) != expected:
+        got = tuple(tiles.shape) if isinstance(tiles, torch.Tensor) else type(tiles).__name__
+        raise ValueError(f"tiles: expected [{expected[0]}, C, {layout.tile}, {layout.tile}] (one per tile of the layout), got {got}")
+    total = torch.zeros(tiles.shape[1], layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
+    weight_sum = torch.zeros(layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
+    for tile, (top, left) in zip(tiles, layout.corners):
+        window = layout.window(top, left).to(tiles.device)
+        total[:, top:top + layout.tile, left:left + layout.tile] += tile.to(torch.float64) * window
+        weight_sum[top:top + layout.tile, left:left + layout.tile] += window
+    return (total / weight_sum)[:, : layout.height, : layout.width].to(tiles.dtype)
+
+
+def restore_tiled(
+    restore: Callable[[torch.Tensor], torch.Tensor],
+    images: Sequence[torch.Tensor],
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    progress: bool = False,
+) -> List[torch.Tensor]:
+    """Restore every [C, H, W] image of ``images`` tile by tile.
+
+    restore(batch [b, C, tile, tile]) -> [b, C_out, tile, tile] is called on batches of at most
+    ``batch_size`` tiles, drawn from all images together (an image of the tile size is one tile).
+    Returns the restored images [C_out, H, W] in order.
+    """
+    if not callable(restore):
+        raise TypeError(f"restore: expected a callable batch -> batch, got {type(restore).__name__}")
+    _check_int(batch_size, "batch_size", 1)
+    split = [split_tiles(image, tile, overlap) for image in images]
+    if not split:
+        return []
+    all_tiles = torch.cat([tiles for tiles, _ in split])
+    restored = []
+    for start in tqdm(range(0, all_tiles.shape[0], batch_size), disable=not progress, desc="tiles", unit="batch", leave=False):
+        batch = all_tiles[start:start + batch_size]
+        output = restore(batch)
+        if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"restore: expected an output [{batch.shape[0]}, C, {tile}, {tile}] for a batch of {batch.shape[0]} tiles, got {got}")
+        restored.append(output)
+    restored_tiles = torch.cat(restored)
+    results, start = [], 0
+    for _, layout in split:
+        results.append(merge_tiles(restored_tiles[start:start + len(layout)], layout))
+        start += len(layout)
+    return results

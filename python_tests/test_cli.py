@@ -1,0 +1,294 @@
+"""The `msdiff` command (msdiff_fast/cli.py, demo.py) and tiled restoration (msdiff_fast/tiling.py)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msdiff_fast.cli import main, parse_arguments
+from msdiff_fast.tiling import TileLayout, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
+from msdiff_fast.training import SyntheticImages, write_image
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_FILES = ("report.md", "metrics.json", "samples.png", "nfe_curve.png")
+
+
+# ---------------------------------------------------------------------------- tiling
+@pytest.mark.parametrize("length, tile, overlap", [(16, 16, 4), (17, 16, 4), (45, 16, 4), (100, 32, 8), (33, 16, 0), (40, 16, 15)])
+def test_tile_starts_cover_the_line_with_the_requested_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] == length - tile
+    covered = torch.zeros(length, dtype=torch.bool)
+    for start in starts:
+        covered[start:start + tile] = True
+    assert covered.all()
+    shared = [previous + tile - start for previous, start in zip(starts, starts[1:])]
+    assert all(overlap <= s < tile for s in shared)
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (13, 9), (45, 70), (16, 50), (64, 17)])
+def test_tiling_an_identity_restorer_gives_back_the_image_exactly(height, width):
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(height * 100 + width))
+    batches = []
+
+    def identity(batch):
+        batches.append(batch.shape[0])
+        return batch.clone()
+
+    (restored,) = restore_tiled(identity, [image], tile=16, overlap=4, batch_size=3)
+    assert restored.shape == image.shape and restored.dtype == image.dtype
+    assert torch.equal(restored, image)
+    assert max(batches) <= 3 and sum(batches) == len(TileLayout.for_image(height, width, 16, 4))
+
+
+@pytest.mark.parametrize("height, width, overlap", [(45, 70, 4), (16, 16, 4), (40, 40, 15), (33, 20, 0)])
+def test_blending_weights_sum_to_one_and_stay_inside_their_tiles(height, width, overlap):
+    layout = TileLayout.for_image(height, width, 16, overlap)
+    weights = blend_weights(layout)
+    assert weights.shape == (len(layout), max(height, 16), max(width, 16))
+    torch.testing.assert_close(weights.sum(dim=0), torch.ones(weights.shape[1:], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (weights >= 0).all()
+    for index, (top, left) in enumerate(layout.corners):
+        outside = weights[index].clone()
+        outside[top:top + 16, left:left + 16] = 0
+        assert (outside == 0).all()
+        assert (weights[index, top:top + 16, left:left + 16] > 0).all() or len(layout) == 1
+
+
+def test_blending_is_smooth_across_a_seam():
+    """Tiles restored to two different constants meet in a monotone ramp, not a step."""
+    image = torch.zeros(1, 16, 28)  # two tiles side by side sharing 4 columns
+    tiles, layout = split_tiles(image, 16, 4)
+    assert len(layout) == 2
+    merged = merge_tiles(torch.stack([torch.zeros(1, 16, 16), torch.ones(1, 16, 16)]), layout)
+    row = merged[0, 0]
+    assert torch.all(row[:12] == 0) and torch.all(row[16:] == 1)
+    ramp = row[12:16]
+    assert torch.all(ramp[1:] > ramp[:-1]) and 0 < ramp[0] and ramp[-1] < 1
+
+
+def test_restore_tiled_is_linear_in_the_restorer():
+    """weights sum to one: a restorer that adds c to every tile adds exactly c to the image."""
+    image = torch.rand(3, 37, 29, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (restored,) = restore_tiled(lambda batch: batch + 0.25, [image], tile=16, overlap=6, batch_size=8)
+    torch.testing.assert_close(restored, image + 0.25, rtol=0, atol=1e-12)
+
+
+def test_tiling_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(40, 16, 16)
+    with pytest.raises(ValueError, match="image"):
+        split_tiles(torch.zeros(16, 16), 16, 4)
+    with pytest.raises(ValueError, match="restore"):
+        restore_tiled(lambda batch: batch[:, :, :8], [torch.zeros(3, 16, 16)], 16, 4, 2)
+
+
+# ---------------------------------------------------------------------------- the demo, end to end
+def run_msdiff(*arguments, cwd=REPO):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "msdiff_fast", *map(str, arguments)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = run_msdiff("demo", "--quick", "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_quick_demo_writes_the_four_files_with_finite_numbers(quick_demo):
+    for name in DEMO_FILES:
+        assert (quick_demo / name).is_file() and (quick_demo / name).stat().st_size > 0, name
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"sr", "denoise"}
+    assert all(math.isfinite(v) for v in _numbers(metrics))
+    for key, model in metrics["models"].items():
+        samplers = {(row["sampler"], row["nfe"]) for row in model["rows"]}
+        assert {("mr-sde", 5), ("mr-sde", 10), ("mr-sde", 20), ("mr-ode", 10)} <= samplers
+        assert ("pc" if key == "sr" else "posterior", model["reference"]["nfe"]) in samplers
+        for row in model["rows"]:
+            assert math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1
+            assert row["fid_small"] >= 0
+            assert (row["consistency"] is not None) == (key == "sr")
+            assert (row["diversity"] is not None) == (row["samples_per_input"] > 1)
+    report = (quick_demo / "report.md").read_text()
+    assert "| sampler | NFE | PSNR (dB)" in report and "Quick mode" in report and "SmallFeatureNet" in report
+    from PIL import Image
+
+    for name in ("samples.png", "nfe_curve.png"):
+        with Image.open(quick_demo / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 100
+
+
+# ---------------------------------------------------------------------------- sample and evaluate with a real checkpoint
+def _single_error_line(code, captured):
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("msdiff: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def _low_resolution_folder(folder: Path, sizes):
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (height, width) in enumerate(sizes):
+        write_image(folder / f"img{index}.png", torch.rand(3, height, width, generator=torch.Generator().manual_seed(index)))
+    return folder
+
+
+def test_sample_restores_images_of_any_size_and_evaluate_scores_them(quick_demo, tmp_path, capsys):
+    checkpoint = quick_demo / "runs" / "sr"  # x2 super-resolution, trained at 16x16
+    truth_set = SyntheticImages(2, (24, 20), seed=5)
+    truth = tmp_path / "truth"
+    for index in range(2):
+        write_image(truth / f"img{index}.png", truth_set[index])
+    from msdiff_fast.training import SuperResolution
+
+    low = tmp_path / "low"
+    for index in range(2):
+        write_image(low / f"img{index}.png", SuperResolution(2).operator(truth_set[index][None])[0])
+    restored = tmp_path / "restored"
+    code = main(["sample", "--checkpoint", str(checkpoint), "--input", str(low), "--out", str(restored), "--nfe", "3",
+                 "--batch", "4", "--task", "sr", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    from PIL import Image
+
+    for index in range(2):
+        with Image.open(restored / f"img{index}.png") as picture:
+            assert picture.size == (20, 24)  # 12x10 inputs, x2, restored in overlapping 16px tiles
+    code = main(["evaluate", "--restored", str(restored), "--reference", str(truth), "--task", "sr", "--small-fid"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((restored / "metrics.json").read_text())
+    values = report["metrics"]
+    assert report["images"] == 2 and math.isfinite(values["psnr"]) and math.isfinite(values["consistency"])
+    assert values["lpips"] is None and values["fid_inception"] is None and values["fid_small"] >= 0
+    assert "PSNR (dB)" in (restored / "metrics.md").read_text()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
+    code = main(["sample", "--checkpoint", str(tmp_path / "no_such_run"), "--input", str(images), "--out", str(tmp_path / "out")])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "no checkpoint at" in line and "msdiff train" in line
+
+
+def test_wrong_task_for_a_checkpoint_is_one_line(quick_demo, tmp_path, capsys):
+    images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(tmp_path / "out"), "--task", "denoise"])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "trained for task 'sr'" in line
+
+
+def test_sampler_that_does_not_fit_the_model_is_one_line(quick_demo, tmp_path, capsys):
+    images = _low_resolution_folder(tmp_path / "in", [(16, 16)])
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "denoise"), "--input", str(images), "--out", str(tmp_path / "out"), "--sampler", "pc", "--nfe", "4"])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "posterior" in line
+
+
+def test_unreadable_image_is_one_line(quick_demo, tmp_path, capsys):
+    images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
+    (images / "broken.png").write_bytes(b"this is not a PNG")
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(tmp_path / "out")])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "broken.png" in line and "cannot read image" in line
+
+
+def test_out_directory_not_writable_is_one_line(quick_demo, tmp_path, capsys):
+    images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the output folder should go")
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(blocker / "restored")])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "cannot write there" in line and "--out" in line
+    code = main(["demo", "--quick", "--out", str(blocker / "demo")])
+    assert "cannot write there" in _single_error_line(code, capsys.readouterr())
+
+
+def test_bad_flag_values_are_one_line(capsys):
+    code = main(["sample", "--checkpoint", "x", "--input", "y", "--out", "z", "--nfe", "ten"])
+    assert "--nfe" in _single_error_line(code, capsys.readouterr())
+    code = main(["demo", "--out", "unused", "--pc-nfe", "7"])
+    assert "--pc-nfe" in _single_error_line(code, capsys.readouterr())
+    code = main(["train", "--out", "unused", "--sampler", "pc"])
+    assert "unrecognized arguments" in _single_error_line(code, capsys.readouterr())
+
+
+def test_errors_from_a_subprocess_have_no_traceback(tmp_path):
+    result = run_msdiff("sample", "--checkpoint", tmp_path / "missing", "--input", tmp_path, "--out", tmp_path / "out")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("msdiff: error: no checkpoint at")
+
+
+# ---------------------------------------------------------------------------- train, resume, config files, bench
+def test_train_refuses_an_existing_run_without_resume_and_resumes_with_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = ["--task", "denoise", "--estimator", "mr", "--image-size", "16", "--batch-size", "2", "--synthetic-count", "8",
+                "--checkpoint-every", "0", "--no-progress"]
+    assert main(["train", "--out", str(out), "--steps", "2", *settings]) == 0
+    capsys.readouterr()
+    code = main(["train", "--out", str(out), "--steps", "3", *settings])
+    assert "--resume" in _single_error_line(code, capsys.readouterr())
+    # resuming keeps the run's settings when the flags are left out
+    assert main(["train", "--out", str(out), "--steps", "3", "--resume", "--no-progress"]) == 0
+    from msdiff_fast.training.checkpoint import read_state
+
+    state = read_state(out)
+    assert state["step"] == 3 and state["description"]["task"] == "denoise" and state["description"]["image_size"] == 16
+
+
+def test_config_file_sets_flags_and_command_line_flags_win(tmp_path):
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"sample": {"nfe": 20, "sampler": "mr-ode", "order": 3, "no-progress": True}}))
+    args = parse_arguments(["sample", "--config", str(config), "--checkpoint", "c", "--input", "i", "--out", "o", "--nfe", "5"])
+    assert (args.nfe, args.sampler, args.order, args.no_progress) == (5, "mr-ode", 3, True)
+    toml = tmp_path / "settings.toml"
+    toml.write_text('steps = 123\ntask = "inpaint"\nhole-fraction = 0.1\n')
+    args = parse_arguments(["train", "--config", str(toml), "--out", "o"])
+    assert (args.steps, args.task, args.hole_fraction) == (123, "inpaint", 0.1)
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"steps": 10, "stepz": 5}))
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    line = _single_error_line(code, capsys.readouterr())
+    assert "'stepz'" in line and "valid:" in line
+    config.write_text(json.dumps({"task": "nonsense"}))
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert "nonsense" in _single_error_line(code, capsys.readouterr())
+
+
+def test_bench_times_every_sampler_and_reports_the_speedup(tmp_path, capsys):
+    code = main(["bench", "--image-size", "16", "--batch", "1", "--nfe", "1", "2", "--repeats", "1", "--reference-nfe", "4",
+                 "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(row["sampler"].split()[0], row["nfe"]) for row in rows] == [("mr-sde", 1), ("mr-sde", 2), ("mr-ode", 1), ("mr-ode", 2), ("pc", 4)]
+    assert all(row["seconds"] > 0 for row in rows) and rows[-1]["speedup"] == 1.0
+
+
+def test_every_command_has_help(capsys):
+    for command in ("demo", "train", "sample", "evaluate", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_arguments([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "example" in text and "--config" in text
