@@ -8,7 +8,9 @@ Providers for every op:
                     for the loss autograd through the formula with the noise stored.
   compile           torch.compile of the eager formula.
 Ops: mr_step with 2 terms, without and with noise; noise_inject of x and y into the cat buffer;
-weighted_score_loss forward, and forward + backward.
+weighted_score_loss forward, and forward + backward. The fused loss runs twice: regenerating the
+noise from (seed, offset), which is how training uses it (no noise tensor kept between
+noise_inject and the loss), and reading the stored noise tensor that the eager formula reads.
 
 Timing: medians (and 20th/80th percentiles) over repeats that visit the providers round-robin, so
 that a busy machine slows all of them alike. Peak memory: bytes allocated during one call over
@@ -118,7 +120,10 @@ def loss_case(shape, dtype, device, backward: bool, backends):
             return loss
         return step
 
-    providers = {f"fused[{b}]": run(lambda b=b: weighted_score_loss(output, coefs, seed=1, backend=b)) for b in backends}
+    providers = {}
+    for b in backends:
+        providers[f"fused[{b}]"] = run(lambda b=b: weighted_score_loss(output, coefs, seed=1, backend=b))
+        providers[f"fused[{b}], stored noise"] = run(lambda b=b: weighted_score_loss(output, coefs, noise=noise, backend=b))
     providers["eager"] = run(lambda: eager_loss(output, noise))
     compiled_eager = torch.compile(eager_loss)
     providers["compile"] = run(lambda: compiled_eager(output, noise))

@@ -141,7 +141,7 @@ def run_one(config: dict) -> dict:
         "ms_median": 1e3 * statistics.median(times),
         "ms_min": 1e3 * min(times),
         "peak_mib": peak,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
     }
 
 
@@ -155,12 +155,12 @@ def device_name(device: str, threads: int) -> str:
     return f"{platform.processor() or 'cpu'} ({threads} torch threads)"
 
 
-def write_results(rows, device: str, threads: int, command: str) -> None:
+def write_results(rows, device: str, threads: int, command: str, load_at_start: float) -> None:
     header = {
-        "device": device_name(device, threads),
+        "device_name": device_name(device, threads),
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "load average (1 min)": f"{os.getloadavg()[0]:.2f}",
+        "load_average_1min_start_end": f"{load_at_start:.2f} / {os.getloadavg()[0]:.2f}",
         "command": command,
     }
     results = ROOT / "benchmarks" / "results"
@@ -222,14 +222,15 @@ def main() -> None:
         for network, size, batch in configurations(args.device, args.quick)
         for provider in PROVIDERS
     ]
+    load_at_start = os.getloadavg()[0]
     rows = []
     for job in tqdm(jobs, desc="training-step benchmark"):
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"configuration {job} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"configuration {job} failed with exit status {done.returncode}:\n{done.stderr[-4000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         tqdm.write(f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>5}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB")
-    write_results(rows, args.device, args.threads, " ".join([os.path.basename(sys.executable), *sys.argv]))
+    write_results(rows, args.device, args.threads, " ".join([os.path.basename(sys.executable), *sys.argv]), load_at_start)
     print((ROOT / "benchmarks" / "results" / f"training_step_{args.device}.md").read_text())
 
 

@@ -608,8 +608,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
         if missing:
             raise CLIError(f"--restored {folder}: no restored image for {len(missing)} reference image(s), e.g. {missing[0]!r}; "
                            f"file names (without extension) must match those under --reference")
-        samples.append(torch.stack([load_image(found[stem], args.channels) for stem in sorted(by_stem)]))
-    reference = torch.stack([load_image(by_stem[stem], args.channels) for stem in sorted(by_stem)])
+        samples.append(_same_size([load_image(found[stem], args.channels) for stem in sorted(by_stem)], f"--restored {folder}"))
+    reference = _same_size([load_image(by_stem[stem], args.channels) for stem in sorted(by_stem)], "--reference")
     if samples[0].shape != reference.shape:
         raise CLIError(f"--restored: images of shape {tuple(samples[0].shape[1:])} vs --reference {tuple(reference.shape[1:])}; they must match")
     mask = None
@@ -617,7 +617,11 @@ def command_evaluate(args: argparse.Namespace) -> int:
     if args.task == "inpaint":
         if args.degraded is None:
             raise CLIError("--task inpaint: consistency needs the hole of each image: pass --degraded DIR (the inputs given to `msdiff sample`)")
-        degraded = torch.stack([load_image(p, args.channels) for _, p in sorted(_stems(list_images(args.degraded, "--degraded"), args.degraded).items())])
+        degraded_files = _stems(list_images(args.degraded, "--degraded"), args.degraded)
+        missing = sorted(by_stem.keys() - degraded_files.keys())
+        if missing:
+            raise CLIError(f"--degraded {args.degraded}: no degraded image for {len(missing)} reference image(s), e.g. {missing[0]!r}")
+        degraded = _same_size([load_image(degraded_files[stem], args.channels) for stem in sorted(by_stem)], "--degraded")
         if degraded.shape != reference.shape:
             raise CLIError(f"--degraded: images of shape {tuple(degraded.shape[1:])} vs --reference {tuple(reference.shape[1:])}; they must match")
         # the hole is where every channel holds the fill value 0 (an observed black pixel is
@@ -655,6 +659,14 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_size(images: List[torch.Tensor], flag: str) -> torch.Tensor:
+    sizes = sorted({tuple(image.shape[1:]) for image in images})
+    if len(sizes) > 1:
+        raise CLIError(f"{flag}: evaluate compares images of one size, found {len(sizes)} sizes ({sizes[0][0]}x{sizes[0][1]}, {sizes[1][0]}x{sizes[1][1]}, ...); "
+                       f"evaluate each size in its own folder")
+    return torch.stack(images)
+
+
 def _stems(files: Sequence[Path], root) -> Dict[str, Path]:
     return {p.relative_to(root).with_suffix("").as_posix(): p for p in files}
 
@@ -669,6 +681,10 @@ def benchmarks_directory(given: Optional[str]) -> Path:
 def command_bench(args: argparse.Namespace) -> int:
     if args.list or args.script:
         return _run_benchmark_script(args)
+    if args.batch < 1 or args.repeats < 1:
+        raise CLIError(f"--batch, --repeats: expected integers >= 1, got {args.batch}, {args.repeats}", 2)
+    if args.image_size is not None and (args.image_size < 4 or args.image_size % 4):
+        raise CLIError(f"--image-size: expected a multiple of 4 (the U-Net halves the image twice), got {args.image_size}", 2)
     device = device_from(args.device)
     if args.checkpoint:
         trained = load_trained(args.checkpoint, device)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .samplers.mr_sampler import MRSampler
 from .samplers.parameterization import KINDS, check_kind, convert
 from .samplers.timesteps import get_timesteps
-from .sde import LinearSDE, MRSDE, as_time
+from .sde import DiscreteMRSDE, LinearSDE, MRSDE, as_time
 from .training.data import save_grid
 
 NETWORK_SIGNATURES = ("irsde", "concat", "msdiff")
@@ -50,8 +50,8 @@ def _check_network_output(output, x: torch.Tensor, name: str) -> torch.Tensor:
 class _IRSDEModel:
     """model(x_t, t, mu) for a network with an IR-SDE-style signature (see ``irsde_model``)."""
 
-    def __init__(self, network, sde: LinearSDE, network_signature: str, integer_time: bool, network_kwargs: Mapping):
-        self.network, self.sde, self.signature = network, sde, network_signature
+    def __init__(self, network, network_signature: str, integer_time: bool, network_kwargs: Mapping):
+        self.network, self.signature = network, network_signature
         self.integer_time, self.network_kwargs = integer_time, dict(network_kwargs)
         self.warned = False
 
@@ -91,8 +91,9 @@ def irsde_model(network: Callable, sde: LinearSDE, network_signature: str = "irs
     ConditionalUNet, which builds cat(x_t - mu, mu) itself); "concat": ``network(cat(x_t - mu, mu),
     t, **network_kwargs)`` (a plain U-Net with that input, e.g. ``unet_preset(..., estimator="mr")``);
     "msdiff": ``network(x_t, t, mu, **network_kwargs)``. t is a [B] tensor in the SDE's units
-    (grid indices 0..T for ``MRSDE.from_irsde``). integer_time=True calls the network with the
-    nearest integer index (a long tensor, as in IR-SDE training) and warns once when that rounds.
+    (grid indices 0..T for ``MRSDE.from_irsde``). integer_time=True (discrete schedules only) calls
+    the network with the nearest integer index (a long tensor, as in IR-SDE training) and warns once
+    when that rounds.
     network_kwargs (e.g. DA-CLIP's text_context=..., image_context=...) go to every call.
 
     Example::
@@ -109,7 +110,9 @@ def irsde_model(network: Callable, sde: LinearSDE, network_signature: str = "irs
         raise ValueError(f"network_signature: expected one of {NETWORK_SIGNATURES}, got {network_signature!r}")
     if not isinstance(integer_time, bool):
         raise TypeError(f"integer_time: expected a bool, got {type(integer_time).__name__}")
-    return _IRSDEModel(network, sde, network_signature, integer_time, network_kwargs)
+    if integer_time and not isinstance(sde, DiscreteMRSDE):
+        raise ValueError(f"integer_time: integer time indices exist on a discrete IR-SDE schedule (MRSDE.from_irsde), got sde {sde!r}")
+    return _IRSDEModel(network, network_signature, integer_time, network_kwargs)
 
 
 class IRSDESampler:
@@ -318,7 +321,8 @@ class DropInMRSampler:
     1 - (sigma_t / sigma_s) e^-h - alpha_t phi1 (the official code by 1 - (alpha_t / alpha_s) e^-2h
     - alpha_t phi1: the same number where lam = log(alpha / sigma), i.e. on integer t, and up to
     ~5e-4 apart per step between grid points, where the schedule interpolates lam separately);
-    noise comes from msdiff's counter-based stream seeded from torch's default generator.
+    fit_target="velocity" is converted with c = sqrt(alpha^2 + (sigma / lam_inf)^2), which is 1 on
+    the grid and which the official code takes as 1 everywhere; noise comes from msdiff's counter-based stream seeded from torch's default generator.
 
     Example (in the official test.py, only the import changes)::
 
@@ -372,7 +376,7 @@ class DropInMRSampler:
             raise ValueError(f"rho: expected a positive number, got {rho!r}")
         if thresholding and not (0 < threshold_ratio <= 1 and threshold_max >= 1):
             raise ValueError(f"threshold_ratio, threshold_max: expected a quantile in (0, 1] and a maximum >= 1, got {threshold_ratio!r}, {threshold_max!r}")
-        self.network, self.opt = network, opt
+        self.network = network
         self.schedule = MRSDE.from_irsde(opt["sde"]["max_sigma"], opt["sde"]["T"], opt["sde"]["schedule"], opt["sde"]["eps"], convention)
         self.solver_type, self.parameterization, self.order = solver_type, parameterization, order
         self.fit_target, self.lambda_min, self.time_schedule = fit_target, float(lambda_min), time_schedule

@@ -231,14 +231,14 @@ def _samples_figure(path: Path, models: List[DemoModel], results: Dict, columns:
             label = "condition" if name == "condition" else name
             rows.append((f"{model.key}: {label}", images[:columns]))
         rows.append((f"{model.key}: ground truth", examples["truth"][:columns]))
-    figure, axes = plt.subplots(len(rows), 1, figsize=(1.1 * columns + 2.2, 1.15 * len(rows) + 0.4), squeeze=False)
+    width = 1.1 * columns
+    figure, axes = plt.subplots(len(rows), 1, figsize=(width + 2.4, 1.15 * len(rows) + 0.5), squeeze=False)
     for axis, (label, images) in zip(axes[:, 0], rows):
         axis.imshow(_strip(images), interpolation="nearest")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        axis.set_axis_off()
+        axis.text(-0.03, 0.5, label, transform=axis.transAxes, ha="right", va="center", fontsize=8)
+    figure.subplots_adjust(left=2.3 / (width + 2.4), right=0.98, top=1 - 0.45 / (1.15 * len(rows) + 0.5), bottom=0.01, hspace=0.12)
     figure.suptitle("condition / samples / ground truth (held-out synthetic images)", fontsize=9)
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -261,6 +261,9 @@ def _nfe_figure(path: Path, models: List[DemoModel], results: Dict) -> None:
             if rows[0][metric] is not None:
                 axis.axhline(rows[0][metric], color="grey", linestyle="--", label="input")
             axis.set_xscale("log")
+            ticks = sorted({r["nfe"] for r in rows[1:]})
+            axis.set_xticks(ticks, [str(t) for t in ticks])
+            axis.minorticks_off()
             axis.set_xlabel("NFE (network evaluations per image)")
             axis.set_ylabel(METRIC_LABELS[metric])
             axis.set_title(model.key if row_index == 0 else "", fontsize=10)

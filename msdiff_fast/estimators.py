@@ -37,6 +37,7 @@ __all__ = [
     "CMDE",
     "ESTIMATORS",
     "CleanConditionSDE",
+    "Estimator",
     "MeanReverting",
     "VSCMDE",
     "make_estimator",
@@ -83,11 +84,14 @@ class CleanConditionSDE(MultiSpeedSDE):
         return f"CleanConditionSDE(x={self.x!r}, y=None)"
 
     def marginal(self, x0, t, mu=None, y0=None):
-        return self.x.marginal(x0, t, mu), (None if y0 is None else (y0, torch.zeros_like(y0[:, :1, ...])))
+        """((mean_x, std_x), None), or y0 itself with std 0 for y when y0 is given."""
+        clean = None if y0 is None else (y0, torch.zeros((y0.shape[0],) + (1,) * (y0.ndim - 1), dtype=y0.dtype, device=y0.device))
+        return self.x.marginal(x0, t, mu), clean
 
 
 class Estimator:
-    """Common interface; see the module docstring. Subclasses set ``name`` and ``model_output``."""
+    """Common interface; see the module docstring. Subclasses set ``name`` and ``model_output`` and
+    define ``loss``, ``sampling_model`` and ``model_output_channels``."""
 
     name = ""
     # what sampling_model's callable returns (the MR Sampler's ``model_output``)
@@ -126,9 +130,6 @@ class Estimator:
     def model_input_channels(self, image_channels: Optional[int] = None, cond_channels: Optional[int] = None) -> int:
         image_channels, cond_channels = self._channels(image_channels, cond_channels)
         return image_channels + cond_channels
-
-    def model_output_channels(self, image_channels: Optional[int] = None, cond_channels: Optional[int] = None) -> int:
-        raise NotImplementedError(type(self).__name__ + " must define model_output_channels")
 
     def _channels(self, image_channels, cond_channels) -> Tuple[int, int]:
         if image_channels is None:
@@ -271,8 +272,8 @@ class CDE(_ConditionalEstimator):
     """Conditional denoising estimator: input cat(x_t, y) with the clean y; output the x-score.
 
     Loss g_x^2 / sigma_x^2 / D_x ||NN_x + z_x||^2: normalised by D_x, not D_x + D_y, because only
-    the D_x components of x are modelled; the loss is then the per-dimension bound of x | y, on
-    the same scale as the x term of CMDE times (D_x + D_y) / D_x.
+    the D_x components of x are modelled; the value is then a mean over those components (the
+    per-dimension bound for x | y) and does not change with the size of the condition.
     """
 
     name = "cde"

@@ -225,6 +225,7 @@ def test_bad_arguments_raise_clearly():
         (lambda: IRSDESampler(50, solver="sde", order=3), ValueError, "order"),
         (lambda: irsde_model("unet", sde), TypeError, "network"),
         (lambda: irsde_model(network, "sde"), TypeError, "sde"),
+        (lambda: irsde_model(network, MRSDE(0.2), integer_time=True), ValueError, "integer_time"),
         (lambda: irsde_model(network, sde)(x_T, torch.full((2,), 50.0), None), ValueError, "mu"),
         (lambda: irsde_model(lambda x, m, t: x[:1], sde)(x_T, torch.full((2,), 50.0), mu), ValueError, "network"),
         (lambda: from_k_diffusion(k_model, sde), ValueError, "sde"),

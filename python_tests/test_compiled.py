@@ -283,16 +283,30 @@ def test_16_bit_stores_round_to_nearest_even_like_torch(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", RUNNABLE)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_explicit_noise_in_float32_or_float64_for_16_bit_tensors(backend, device, dtype):
+@pytest.mark.parametrize("side_dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_explicit_noise_and_target_of_another_dtype(backend, device, dtype, side_dtype):
+    """16-bit tensors with float32 (read as stored) or float64 (converted) noise and targets, over
+    samples of several CPU tiles (1024) so that the side input's own element size matters."""
     g = torch.Generator().manual_seed(6)
-    x0 = torch.randn(2, 3, 9, 9, generator=g).to(device=device, dtype=dtype)
-    coefs = coefs64(2, 2, device=device, generator=g)
-    for noise_dtype in (torch.float32, torch.float64, dtype):
-        noise = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64).to(device=device, dtype=noise_dtype)
-        x_t, _ = noise_inject(x0, coefs, noise=(noise, None), backend=backend)
-        want, _ = reference.noise_inject(x0, coefs, noise=(noise, None))
-        # One rounding step of `dtype` at most (FMA contraction may move a value across a tie).
-        assert_matches(x_t, want, torch.finfo(dtype).eps * want.abs().max().item(), f"x_t with {noise_dtype} noise")
+    shape = (2, 3, 29, 31)
+    make = lambda d: torch.randn(shape, generator=g).to(device=device, dtype=d)  # noqa: E731
+    x, term, mu, y0, noise_x, noise_y, target = make(dtype), make(dtype), make(dtype), make(dtype), make(side_dtype), make(side_dtype), make(side_dtype)
+    coefs, loss_coefs = coefs64(2, 2, device=device, generator=g), coefs64(2, 2, 3, device=device, generator=g)
+    tolerance = lambda want: 2 * torch.finfo(dtype).eps * want.abs().max().item()  # noqa: E731  one rounding step, FMA aside
+
+    got = mr_step(x, [term], coefs, coefs[:, 0], noise=noise_x, backend=backend)
+    want = reference.mr_step(x, [term], coefs, coefs[:, 0], noise=noise_x)
+    assert_matches(got, want, tolerance(want), "mr_step")
+    x_t, y_t = noise_inject(x, coefs, y0, coefs.flip(1), mu=mu, noise=(noise_x, noise_y), backend=backend)
+    want_x, want_y = reference.noise_inject(x, coefs, y0, coefs.flip(1), mu, noise=(noise_x, noise_y))
+    assert_matches(x_t, want_x, tolerance(want_x), "x_t")
+    assert_matches(y_t, want_y, tolerance(want_y), "y_t")
+    leaf = x.detach().clone().requires_grad_()
+    loss = weighted_score_loss(leaf, loss_coefs, split=1000, noise=noise_x, target=target, backend=backend)
+    loss.sum().backward()
+    want_loss, want_grad = reference.weighted_score_loss(x, loss_coefs, 1000, noise=noise_x, target=target)
+    assert_matches(loss, want_loss, 1e-5 * want_loss.abs().max().item(), "loss")
+    assert_matches(leaf.grad, want_grad, tolerance(want_grad), "grad")
 
 
 # ----------------------------------------------------------------------------- views, alignment, big batches

@@ -21,6 +21,8 @@ from msdiff_fast.training import SuperResolution, SyntheticImages
 
 X_SHAPE, Y_SHAPE = (3, 8, 8), (1, 8, 8)
 CONDITIONAL = ("cde", "cdiffe", "cmde", "vscmde")
+# the GPU path (generator, schedule, fused kernels on the device) runs wherever a GPU is present
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ---------------------------------------------------------------------------- oracles
@@ -66,10 +68,10 @@ def plain_mr_loss(model, sde, target, x0, mu, t, z):
 def reference_draw(generator, batch, noise_per_sample, t_eps, T, dtype, offset_samples=0, global_batch=None):
     """t and the Philox noise the estimators document: rand(global_batch) then the seed."""
     global_batch = batch if global_batch is None else global_batch
-    u = torch.rand(global_batch, generator=generator, dtype=torch.float64)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u = torch.rand(global_batch, generator=generator, dtype=torch.float64, device=generator.device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     t = t_eps + (T - t_eps) * u[offset_samples : offset_samples + batch]
-    z = philox_normal(seed, offset_samples * noise_per_sample, batch * noise_per_sample, dtype=dtype)
+    z = philox_normal(seed, offset_samples * noise_per_sample, batch * noise_per_sample, dtype=dtype, device=generator.device)
     return t, z.view(batch, noise_per_sample)
 
 
@@ -111,7 +113,7 @@ def conditional_reference(est, model, x0, y0, seed, offset_samples=0, global_bat
     batch, x_dim, y_dim = x0.shape[0], x0[0].numel(), y0[0].numel()
     clean = isinstance(est, CDE)
     per_sample = x_dim if clean else x_dim + y_dim
-    t, z = reference_draw(torch.Generator().manual_seed(seed), batch, per_sample, 1e-5, 1.0, x0.dtype, offset_samples, global_batch)
+    t, z = reference_draw(torch.Generator(x0.device).manual_seed(seed), batch, per_sample, 1e-5, 1.0, x0.dtype, offset_samples, global_batch)
     z_x = z[:, :x_dim].reshape(x0.shape)
     z_y = None if clean else z[:, x_dim:].reshape(y0.shape)
     sigma_x = torch.exp(math.log(est.sde.x.sigma_min) + t * math.log(est.sde.x.sigma_max / est.sde.x.sigma_min)).to(x0.dtype)
@@ -129,15 +131,16 @@ def loss_and_grads(model, loss):
 
 
 # ---------------------------------------------------------------------------- loss == formula
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CONDITIONAL)
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-6), (torch.float32, 2e-5)])
-def test_conditional_loss_and_gradient_match_plain_formula(name, dtype, rtol):
+def test_conditional_loss_and_gradient_match_plain_formula(name, dtype, rtol, device):
     est = make_estimator(name, X_SHAPE, Y_SHAPE)
     if name == "vscmde":
         est.on_step(60_000)
-    model = make_model(est, dtype)
-    x0, y0 = images(X_SHAPE, dtype=dtype), images(Y_SHAPE, dtype=dtype, seed=2)
-    fused, fused_grads = loss_and_grads(model, est.loss(model, x0, y0, torch.Generator().manual_seed(7)))
+    model = make_model(est, dtype).to(device)
+    x0, y0 = images(X_SHAPE, dtype=dtype).to(device), images(Y_SHAPE, dtype=dtype, seed=2).to(device)
+    fused, fused_grads = loss_and_grads(model, est.loss(model, x0, y0, torch.Generator(device).manual_seed(7)))
     plain, plain_grads = loss_and_grads(model, conditional_reference(est, model, x0, y0, seed=7))
     assert_close_relative(fused, plain, rtol, f"{name} loss")
     for (param_name, _), got, want in zip(model.named_parameters(), fused_grads, plain_grads):
@@ -174,14 +177,15 @@ def test_non_ve_multi_speed_sde_uses_its_scale_and_weight():
     assert_close_relative(fused.detach(), plain.detach(), 1e-6, "VP multi-speed loss")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("target", MeanReverting.TARGETS)
 @pytest.mark.parametrize("sde", [MRSDE(10 / 255), MRSDE.from_irsde(50, T=100)], ids=["continuous", "irsde"])
-def test_mr_loss_and_gradient_match_plain_formula(sde, target):
+def test_mr_loss_and_gradient_match_plain_formula(sde, target, device):
     est = MeanReverting(sde, target, X_SHAPE)
-    model = make_model(est)
-    x0, mu = images(X_SHAPE), images(X_SHAPE, seed=2)
-    fused, fused_grads = loss_and_grads(model, est.loss(model, x0, mu, torch.Generator().manual_seed(11)))
-    t, z = reference_draw(torch.Generator().manual_seed(11), 3, x0[0].numel(), 1e-5 * sde.T, float(sde.T), torch.float64)
+    model = make_model(est).to(device)
+    x0, mu = images(X_SHAPE).to(device), images(X_SHAPE, seed=2).to(device)
+    fused, fused_grads = loss_and_grads(model, est.loss(model, x0, mu, torch.Generator(device).manual_seed(11)))
+    t, z = reference_draw(torch.Generator(device).manual_seed(11), 3, x0[0].numel(), 1e-5 * sde.T, float(sde.T), torch.float64)
     plain, plain_grads = loss_and_grads(model, plain_mr_loss(model, sde, target, x0, mu, t, z.reshape(x0.shape)))
     assert_close_relative(fused, plain, 1e-6, f"mr {target} loss")
     for got, want in zip(fused_grads, plain_grads):
@@ -205,15 +209,16 @@ def test_mr_targets_are_what_the_sampler_converts(sde, target):
 
 
 # ---------------------------------------------------------------------------- data parallel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["cde", "cmde", "mr"])
-def test_two_ranks_reproduce_one_process(name):
+def test_two_ranks_reproduce_one_process(name, device):
     est = make_estimator(name, X_SHAPE, X_SHAPE if name == "mr" else Y_SHAPE)
-    model = make_model(est)
-    x0, y0 = images(X_SHAPE, batch=4), images(X_SHAPE if name == "mr" else Y_SHAPE, batch=4, seed=2)
-    full = est.loss(model, x0, y0, torch.Generator().manual_seed(5))
-    halves = [est.loss(model, x0[r * 2 : r * 2 + 2], y0[r * 2 : r * 2 + 2], torch.Generator().manual_seed(5), offset_samples=2 * r, global_batch=4) for r in range(2)]
+    model = make_model(est).to(device)
+    x0, y0 = images(X_SHAPE, batch=4).to(device), images(X_SHAPE if name == "mr" else Y_SHAPE, batch=4, seed=2).to(device)
+    full = est.loss(model, x0, y0, torch.Generator(device).manual_seed(5))
+    halves = [est.loss(model, x0[r * 2 : r * 2 + 2], y0[r * 2 : r * 2 + 2], torch.Generator(device).manual_seed(5), offset_samples=2 * r, global_batch=4) for r in range(2)]
     torch.testing.assert_close(full, (halves[0] + halves[1]) / 2, rtol=1e-12, atol=0)
-    shifted = est.loss(model, x0[2:], y0[2:], torch.Generator().manual_seed(5), offset_samples=0, global_batch=4)
+    shifted = est.loss(model, x0[2:], y0[2:], torch.Generator(device).manual_seed(5), offset_samples=0, global_batch=4)
     assert not torch.isclose(shifted, halves[1]), "the offset must select other noise and times"
 
 

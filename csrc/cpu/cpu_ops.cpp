@@ -20,7 +20,11 @@ constexpr int64_t kShareAlignment = 64;
 
 std::vector<const Kernels*> supported_kernels() {
   std::vector<const Kernels*> tables;
-#if defined(MSDIFF_HAVE_AVX2_KERNELS)
+#if defined(MSDIFF_HAVE_X86_KERNELS)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw")) {
+    tables.push_back(&avx512::kernels);
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) tables.push_back(&avx2::kernels);
 #endif
   tables.push_back(&baseline::kernels);

@@ -20,7 +20,7 @@ void philox_normals(float* normals, int64_t numel, uint64_t seed, uint64_t offse
 // words[w * numel + i] = word w of Philox4x32-10 at counter offset + i (the stream's raw bits).
 void philox_words(int64_t* words, int64_t numel, uint64_t seed, uint64_t offset);
 
-// The instruction sets this build and this CPU can run ("avx2+fma", "baseline"), best first.
+// The instruction sets this build and this CPU can run ("avx512", "avx2+fma", "baseline"), best first.
 std::vector<std::string> instruction_sets();
 // The one in use: the best one unless use_instruction_set chose another (tests compare them).
 std::string instruction_set();

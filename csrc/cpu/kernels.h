@@ -1,6 +1,7 @@
 // The CPU kernels of one instruction set: each processes one range of its op's work, so that
 // cpu_ops.cpp can split an op over threads. kernels_impl.h is compiled once per instruction set
-// (kernels_baseline.cpp; kernels_avx2.cpp on x86-64) and cpu_ops.cpp picks one table at run time.
+// (kernels_baseline.cpp; kernels_avx2.cpp and kernels_avx512.cpp on x86-64) and cpu_ops.cpp picks
+// one table at run time.
 #pragma once
 
 #include <cstdint>
@@ -31,8 +32,11 @@ struct Kernels {
 namespace baseline {
 extern const Kernels kernels;
 }
-#if defined(MSDIFF_HAVE_AVX2_KERNELS)
+#if defined(MSDIFF_HAVE_X86_KERNELS)
 namespace avx2 {
+extern const Kernels kernels;
+}
+namespace avx512 {
 extern const Kernels kernels;
 }
 #endif

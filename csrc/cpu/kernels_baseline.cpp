@@ -2,7 +2,10 @@
 // host's own with MSDIFF_FAST_NATIVE=1), which every machine the wheel installs on has.
 #include "kernels.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MSDIFF_PHILOX_LANES 16
+#elif defined(__AVX2__)
 #include <immintrin.h>
 #define MSDIFF_PHILOX_LANES 8
 #elif defined(__SSE2__) || defined(_M_X64)

@@ -63,9 +63,12 @@ void fill_noise(float* z, int64_t n, const void* explicit_noise, bool side_is_fl
   }
 }
 
+// base + elements for a side input stored as T or as float32 (null stays null).
 template <class T>
-const void* advance(const void* base, int64_t elements) {
-  return base == nullptr ? nullptr : static_cast<const T*>(base) + elements;
+const void* advance_side(const void* base, bool side_is_float, int64_t elements) {
+  if (base == nullptr) return nullptr;
+  return side_is_float ? static_cast<const void*>(static_cast<const float*>(base) + elements)
+                       : static_cast<const void*>(static_cast<const T*>(base) + elements);
 }
 
 // ------------------------------------------------------------------------------- mr_step
@@ -89,7 +92,7 @@ void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], ck, to_float(term[j]));
     }
     if (a.noise_coef != nullptr) {
-      fill_noise<T>(z, n, advance<T>(a.noise, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+      fill_noise<T>(z, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
       const float cn = a.noise_coef[sample];
       for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], cn, z[j]);
     }
@@ -111,12 +114,12 @@ void diffuse_part(T* out, const T* src, const T* mean, const void* noise, bool s
     const int64_t n = smaller(kTile, end - start);
     T* __restrict__ dst = out + start;
     const T* __restrict__ clean = src + start;
-    if (coefs == nullptr) {
-      for (int64_t j = 0; j < n; ++j) dst[j] = clean[j];
+    if (coefs == nullptr) {  // a clean condition: copied bit for bit
+      std::memcpy(dst, clean, static_cast<size_t>(n) * sizeof(T));
       continue;
     }
     const Diffusion diffusion{coefs[0], coefs[1]};
-    fill_noise<T>(z, n, advance<T>(noise, start), side_is_float, key, first_position + static_cast<uint64_t>(start));
+    fill_noise<T>(z, n, advance_side<T>(noise, side_is_float, start), side_is_float, key, first_position + static_cast<uint64_t>(start));
     if (mean != nullptr) {
       const T* __restrict__ mu = mean + start;
       for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(diffusion(to_float(clean[j]), z[j], to_float(mu[j])));
@@ -170,9 +173,10 @@ void noise_inject_range(const NoiseInjectArgs& a, int64_t begin, int64_t end) {
 
 // --------------------------------------------------------------------- weighted_score_loss
 
-// Elements [begin, end) of one sample, all in one segment: grad written, sum of w r^2 added to lanes.
+// Elements [begin, end) of one sample, all in one segment: grad written, sum of w r^2 added to
+// lanes. `segment` by value: a reference might alias a float32 grad, which stops vectorisation.
 template <class T>
-void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual& segment, int64_t sample, int64_t begin, int64_t end,
+void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual segment, int64_t sample, int64_t begin, int64_t end,
                  PhiloxKey key, double* __restrict__ lanes) {
   alignas(64) float z[kTile];
   alignas(64) float target[kTile];
@@ -180,11 +184,11 @@ void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual& segment, i
   const int64_t sample_start = sample * a.per_sample;
   for (int64_t start = sample_start + begin; start < sample_start + end; start += kTile) {
     const int64_t n = smaller(kTile, sample_start + end - start);
-    fill_noise<T>(z, n, advance<T>(a.noise, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+    fill_noise<T>(z, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
     const T* __restrict__ output = static_cast<const T*>(a.output) + start;
     T* __restrict__ grad = static_cast<T*>(a.grad) + start;
     if (a.target != nullptr) {
-      widen_side<T>(target, a.side_is_float ? advance<float>(a.target, start) : advance<T>(a.target, start), a.side_is_float, n);
+      widen_side<T>(target, advance_side<T>(a.target, a.side_is_float, start), a.side_is_float, n);
       for (int64_t j = 0; j < n; ++j) {
         const float residual = segment(to_float(output[j]), z[j], target[j]);
         grad[j] = from_float<T>(segment.gradient(residual));

@@ -1,14 +1,39 @@
 // Philox4x32-10 on SIMD lanes, for the CPU kernels. kernels_impl.h includes this inside its
 // instruction-set namespace, after the translation unit has included <immintrin.h> and chosen
-// MSDIFF_PHILOX_LANES (8: AVX2, 4: SSE2, 0: none, the plain loop in kernels_impl.h instead).
+// MSDIFF_PHILOX_LANES (16: AVX-512, 8: AVX2, 4: SSE2, 0: none, the plain loop in kernels_impl.h).
 //
 // Why intrinsics here when every other loop is left to the compiler: Philox needs the high and
 // low words of 32x32-bit products, and GCC vectorises (uint64_t)a * b >> 32 by widening every
-// lane to 64 bits and packing back (mostly shuffles: 3x slower). pmuludq on the even lanes and on
-// the odd lanes shifted down, then one blend, is the whole multiply. The arithmetic is the same
-// as philox4x32_10 in msdiff/philox.h, which the tests check word for word.
+// lane to 64 bits and packing back (mostly shuffles: 3x slower). pmuludq on the even lanes and
+// on the odd lanes shifted down, then two blends (or permutes), is the whole multiply. The
+// arithmetic is philox4x32_10's in msdiff/philox.h, which the tests check word for word.
 
-#if MSDIFF_PHILOX_LANES == 8
+#if MSDIFF_PHILOX_LANES == 16
+
+struct PhiloxLanes {
+  using V = __m512i;
+  static constexpr int kWidth = 16;
+  static V broadcast(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+  static V lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  // high + 1 where low < start (the low counter word wrapped), high elsewhere.
+  static V add_carry(V high, V low, V start) {
+    return _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(low, start), high, broadcast(1));
+  }
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+  static void multiply_wide(V a, V constant, V& high, V& low) {
+    const V even = _mm512_mul_epu32(a, constant);                        // products of lanes 0, 2, ...
+    const V odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), constant);  // products of lanes 1, 3, ...
+    // Dword i of the result from `even` (index < 16) or `odd` (index >= 16).
+    const V low_words = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const V high_words = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    low = _mm512_permutex2var_epi32(even, low_words, odd);
+    high = _mm512_permutex2var_epi32(even, high_words, odd);
+  }
+  static void store(uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
+};
+
+#elif MSDIFF_PHILOX_LANES == 8
 
 struct PhiloxLanes {
   using V = __m256i;
@@ -16,16 +41,16 @@ struct PhiloxLanes {
   static V broadcast(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
   static V lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static V add(V a, V b) { return _mm256_add_epi32(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_epi32(a, b); }
-  static V exclusive_or(V a, V b) { return _mm256_xor_si256(a, b); }
-  // All ones where a < b as unsigned numbers (signed compare after flipping the sign bits).
-  static V below(V a, V b) {
+  // Unsigned low < start as a signed compare after flipping the sign bits: all ones (-1) where
+  // the low word wrapped, so subtracting it carries into the high word.
+  static V add_carry(V high, V low, V start) {
     const V sign = broadcast(0x80000000u);
-    return _mm256_cmpgt_epi32(_mm256_xor_si256(b, sign), _mm256_xor_si256(a, sign));
+    return _mm256_sub_epi32(high, _mm256_cmpgt_epi32(_mm256_xor_si256(start, sign), _mm256_xor_si256(low, sign)));
   }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static void multiply_wide(V a, V constant, V& high, V& low) {
-    const V even = _mm256_mul_epu32(a, constant);                         // products of lanes 0, 2, ...
-    const V odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), constant);   // products of lanes 1, 3, ...
+    const V even = _mm256_mul_epu32(a, constant);
+    const V odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), constant);
     high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
     low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   }
@@ -40,12 +65,11 @@ struct PhiloxLanes {
   static V broadcast(uint32_t v) { return _mm_set1_epi32(static_cast<int>(v)); }
   static V lane_index() { return _mm_setr_epi32(0, 1, 2, 3); }
   static V add(V a, V b) { return _mm_add_epi32(a, b); }
-  static V sub(V a, V b) { return _mm_sub_epi32(a, b); }
-  static V exclusive_or(V a, V b) { return _mm_xor_si128(a, b); }
-  static V below(V a, V b) {
+  static V add_carry(V high, V low, V start) {
     const V sign = broadcast(0x80000000u);
-    return _mm_cmpgt_epi32(_mm_xor_si128(b, sign), _mm_xor_si128(a, sign));
+    return _mm_sub_epi32(high, _mm_cmpgt_epi32(_mm_xor_si128(start, sign), _mm_xor_si128(low, sign)));
   }
+  static V xor3(V a, V b, V c) { return _mm_xor_si128(_mm_xor_si128(a, b), c); }
   // SSE2 has no dword blend: mask and or instead.
   static void multiply_wide(V a, V constant, V& high, V& low) {
     const V even = _mm_mul_epu32(a, constant);
@@ -74,20 +98,19 @@ int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey
     keys[0][round] = L::broadcast(k0);
     keys[1][round] = L::broadcast(k1);
   }
-  const V low_start = L::broadcast(low0);
+  const V low_start = L::broadcast(low0), high_start = L::broadcast(high0), zero = L::broadcast(0);
   int64_t j = 0;
   for (; j + L::kWidth <= n; j += L::kWidth) {
     V c0 = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j)), L::lane_index()));
-    // all-ones (-1) where the low word wrapped: subtracting it carries into the high word.
-    V c1 = L::sub(L::broadcast(high0), L::below(c0, low_start));
-    V c2 = L::broadcast(0), c3 = L::broadcast(0);
+    V c1 = L::add_carry(high_start, c0, low_start);
+    V c2 = zero, c3 = zero;
     for (int round = 0; round < 10; ++round) {
       V high_a, low_a, high_b, low_b;
       L::multiply_wide(c2, round_b, high_b, low_b);
       L::multiply_wide(c0, round_a, high_a, low_a);
-      c0 = L::exclusive_or(L::exclusive_or(high_b, c1), keys[0][round]);
+      c0 = L::xor3(high_b, c1, keys[0][round]);
       c1 = low_b;
-      c2 = L::exclusive_or(L::exclusive_or(high_a, c3), keys[1][round]);
+      c2 = L::xor3(high_a, c3, keys[1][round]);
       c3 = low_a;
     }
     L::store(w0 + j, c0);

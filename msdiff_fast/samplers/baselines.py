@@ -177,7 +177,9 @@ def pc_sample(
     if not snr > 0 or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"snr, corrector_steps: expected snr > 0 and an int >= 0, got {snr!r}, {corrector_steps!r}")
     ts = get_timesteps(x_sde, steps, "uniform_t", t_end=t_end)
-    x = initial_state(x_sde, None, x_T, shape if x_T is not None or y is None else (shape or y.shape), generator)
+    x = initial_state(x_sde, None, x_T, shape if x_T is not None or y is None else (shape or y.shape), generator, None if y is None else y.device)
+    if y is not None and x_T is None:
+        x = x.to(y.dtype)
     seed, limit = seed_from(generator), divergence_limit(x_sde, None)
     draws = 0
     x_mean = x

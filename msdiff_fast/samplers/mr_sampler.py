@@ -187,17 +187,19 @@ class MRSampler:
         progress: bool = False,
         shape: Optional[Sequence[int]] = None,
         cond: Optional[torch.Tensor] = None,
+        device: Optional[Union[str, torch.device]] = None,
     ) -> torch.Tensor:
         """Integrate from t_start to t_end and return x_0.
 
         model(x_t, t, c) returns ``model_output`` for x_t; t is a [B] float tensor; c is ``cond``
         if given, else mu. mu: the degraded image for mean-reverting SDEs (None for VE/VP).
-        x_T: the start (default: a prior draw from ``generator``; ``shape`` when there is no mu).
+        x_T: the start (default: a prior draw from ``generator``; ``shape`` when there is no mu,
+        drawn on ``device``, default cond's device).
         callback receives {"i", "t", "x", "x0"} after every step.
         """
         sde = self.sde
         sde.check_mu(mu)
-        x = initial_state(sde, mu, x_T, shape, generator)
+        x = initial_state(sde, mu, x_T, shape, generator, device if device is not None else getattr(cond, "device", None))
         condition = cond if cond is not None else mu
         seed = seed_from(generator)
         history = deque(maxlen=max(self.order - 1, 1))
@@ -253,7 +255,7 @@ def limit_data(x0: torch.Tensor, clip, threshold) -> torch.Tensor:
     return x0
 
 
-def initial_state(sde: LinearSDE, mu, x_T, shape, generator) -> torch.Tensor:
+def initial_state(sde: LinearSDE, mu, x_T, shape, generator, device=None) -> torch.Tensor:
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T: expected a floating-point tensor, got {type(x_T).__name__ if not isinstance(x_T, torch.Tensor) else x_T.dtype}")
@@ -266,7 +268,8 @@ def initial_state(sde: LinearSDE, mu, x_T, shape, generator) -> torch.Tensor:
         return sde.prior(mu, generator)
     if shape is None:
         raise ValueError("shape: expected the sample shape [B, C, H, W] when neither mu nor x_T is given, got None")
-    return sde.prior(shape, generator)
+    prior = sde.prior(shape, generator)
+    return prior if device is None else prior.to(device)
 
 
 def call_model(model: Model, x: torch.Tensor, s: float, condition) -> torch.Tensor:
@@ -292,6 +295,6 @@ def check_state(x: torch.Tensor, limit: float, i: int, steps: int, s: float, t: 
         raise FloatingPointError(f"{name}: step {i + 1}/{steps} (t {s:.4g} -> {t:.4g}) produced {what}; the solver diverged (try more steps, prediction='data', or a lower order)")
 
 
-def sample(model: Model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 10, *, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, **options) -> torch.Tensor:
+def sample(model: Model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 10, *, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, device=None, **options) -> torch.Tensor:
     """One-call form: ``MRSampler(sde, steps, **options).sample(model, mu, ...)``."""
-    return MRSampler(sde, steps, **options).sample(model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond)
+    return MRSampler(sde, steps, **options).sample(model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond, device=device)

@@ -441,7 +441,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         generator = torch.Generator().manual_seed(stream_seed(config.seed, _LOSS_STREAM, step))
         on_cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if on_cuda else [], device_type="cuda" if on_cuda else None):
+        with torch.random.fork_rng(devices=[self.device] if on_cuda else [], device_type="cuda"):
             torch.manual_seed(stream_seed(config.seed, _DROPOUT_STREAM, step, self.rank))
             with torch.autocast(self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16,
                                 enabled=config.amp != "none"):
