@@ -13,6 +13,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # The build requirements live in .venv and the build runs without isolation, so CMake's build
 # folder (build/) stays valid between runs and a re-run recompiles only what changed.
-"$PY" -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.2" \
+"$PY" -m pip install -q "setuptools>=70.1" wheel "nanobind>=2.2" \
   $(command -v cmake >/dev/null || echo "cmake>=3.18") $(command -v ninja >/dev/null || echo ninja)
 "$PY" -m pip install -q --no-build-isolation -e ".[test,triton]"
