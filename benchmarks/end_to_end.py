@@ -14,7 +14,7 @@ mean-reverting SDE; predictor-corrector sampling (1000 steps + 1000 corrector st
 and MR Sampler at NFE 10 on the CMDE network. Runs above --max-measured-nfe network evaluations
 are timed on a shorter run of the same sampler and extrapolated linearly in NFE (marked
 "extrapolated"). "outside network": the share of the wall time not spent in the network's forward
-passes (timed separately, same inputs, same number of calls). Quality: each row's sampler with the
+passes (timed around each network call in the same run). Quality: each row's sampler with the
 exact denoiser of Gaussian data N(0.4, 0.2^2) in place of the network, error = per-dimension
 2-Wasserstein distance of the samples' fitted Gaussian to the data's.
 
@@ -112,17 +112,51 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def wall_time(function: Callable, device: torch.device, repeats: int) -> float:
-    """Best-of-``repeats`` wall time of function() (after one warm-up call)."""
+class NetworkClock:
+    """A model wrapper adding up the time spent inside the network's calls, in the same run as the
+    sampler's wall time (CUDA events on a GPU, so the clock adds no synchronisation)."""
+
+    def __init__(self, model: Callable, device: torch.device):
+        self.model, self.device = model, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.events = 0.0, []
+
+    def __call__(self, *args):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            output = self.model(*args)
+            end.record()
+            self.events.append((start, end))
+            return output
+        start = time.perf_counter()
+        output = self.model(*args)
+        self.seconds += time.perf_counter() - start
+        return output
+
+    def total(self) -> float:
+        synchronize(self.device)
+        return self.seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+
+def wall_time(function: Callable, device: torch.device, repeats: int, clock: Optional[NetworkClock] = None):
+    """Best-of-``repeats`` wall time of function() after one warm-up call, and the time the best run
+    spent inside ``clock``'s network (0 without a clock)."""
     function()
     synchronize(device)
-    best = float("inf")
+    best, inside = float("inf"), 0.0
     for _ in range(repeats):
+        if clock is not None:
+            clock.reset()
         start = time.perf_counter()
         function()
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best, inside = elapsed, (clock.total() if clock is not None else 0.0)
+    return best, inside
 
 
 def mr_network(net):
@@ -145,8 +179,8 @@ def gaussian_w2(samples: torch.Tensor) -> float:
 
 
 class Row:
-    def __init__(self, label, network, nfe, run, measured_run=None, measured_nfe=None, analytic=None, static=None):
-        self.label, self.network, self.nfe = label, network, nfe
+    def __init__(self, label, network, clock, nfe, run, measured_run=None, measured_nfe=None, analytic=None, static=None):
+        self.label, self.network, self.clock, self.nfe = label, network, clock, nfe
         self.run, self.measured_run, self.measured_nfe = run, measured_run, measured_nfe
         self.analytic, self.static = analytic, static
         self.results = {}
@@ -167,7 +201,8 @@ def build_rows(args, preset: str, device: torch.device):
     y = torch.rand(args.batch, channels, size, size, generator=g).to(device, dtype)
     mr_sde = MRSDE(50 / 255, "cosine", 0.005)
     ve_pair = MultiSpeedSDE(VESDE(0.01, 50.0), VESDE(0.01, 5.0))
-    mr_model, cmde_model = mr_network(mr_net), cmde_network(cmde_net, channels)
+    mr_model = NetworkClock(mr_network(mr_net), device)
+    cmde_model = NetworkClock(cmde_network(cmde_net, channels), device)
     generator = lambda: torch.Generator(device=device).manual_seed(1)  # noqa: E731
 
     gaussian = GaussianData(DATA_MEAN, DATA_STD)
@@ -180,20 +215,20 @@ def build_rows(args, preset: str, device: torch.device):
     for nfe in (5, 10, 20):
         sampler = MRSampler(mr_sde, nfe, solver="sde", order=2, prediction="data", model_output="noise")
         rows.append(Row(
-            "MR Sampler SDE-2 data", "mr", nfe,
+            "MR Sampler SDE-2 data", "mr", mr_model, nfe,
             run=lambda sampler=sampler: sampler.sample(mr_model, mu, generator=generator()),
             analytic=lambda sampler=sampler: sampler.sample(exact_mr, analytic_mu, generator=analytic_generator()),
-            static=(sampler, mr_model, mu, lambda: mr_sde.prior(mu, generator())),
+            static=(sampler, mr_model.model, mu, lambda: mr_sde.prior(mu, generator())),
         ))
     rows.append(Row(
-        "posterior sampling", "mr", 100,
+        "posterior sampling", "mr", mr_model, 100,
         run=lambda: posterior_sample(mr_model, mr_sde, mu, 100, generator=generator()),
         measured_run=lambda steps: posterior_sample(mr_model, mr_sde, mu, steps, generator=generator()),
         measured_nfe=lambda steps: steps,
         analytic=lambda: posterior_sample(exact_mr, mr_sde, analytic_mu, 100, generator=analytic_generator()),
     ))
     rows.append(Row(
-        "predictor-corrector (1000 steps, snr 0.15)", "cmde", 2000,
+        "predictor-corrector (1000 steps, snr 0.15)", "cmde", cmde_model, 2000,
         run=lambda: pc_sample(cmde_model, ve_pair, y, 1000, generator=generator()),
         measured_run=lambda steps: pc_sample(cmde_model, ve_pair, y, steps, generator=generator()),
         measured_nfe=lambda steps: 2 * steps,
@@ -201,7 +236,7 @@ def build_rows(args, preset: str, device: torch.device):
     ))
     ve_fast = MRSampler(ve_pair, 10, solver="sde", order=2, prediction="data", model_output="score")
     rows.append(Row(
-        "MR Sampler SDE-2 data (VE)", "cmde", 10,
+        "MR Sampler SDE-2 data (VE)", "cmde", cmde_model, 10,
         run=lambda: ve_fast.sample(conditioned_model(cmde_model, ve_pair, y, "fresh", generator()), None, shape=tuple(y.shape), generator=generator(), device=y.device),
         analytic=lambda: ve_fast.sample(exact_ve, None, shape=(args.analytic_samples, 8), generator=analytic_generator()),
     ))
@@ -212,20 +247,20 @@ def build_rows(args, preset: str, device: torch.device):
     return rows, networks, {"mr": sum(p.numel() for p in mr_net.parameters()), "cmde": sum(p.numel() for p in cmde_net.parameters()), "size": size}
 
 
-def time_rows(args, rows, networks, device):
-    forward = {name: wall_time(call, device, max(5, args.repeats)) for name, call in networks.items()}
+def time_rows(args, rows, device):
     for row in tqdm(rows, desc="timing", leave=False):
         if row.nfe <= args.max_measured_nfe or row.measured_run is None:
             # a single timed run above 200 NFE: long enough to average itself
-            row.results["time"] = wall_time(row.run, device, args.repeats if row.nfe <= 200 else 1)
+            seconds, inside = wall_time(row.run, device, args.repeats if row.nfe <= 200 else 1, row.clock)
             row.results["how"] = "measured"
         else:
             steps = max(1, args.max_measured_nfe // (row.measured_nfe(1)))
-            measured = wall_time(lambda: row.measured_run(steps), device, args.repeats)
-            row.results["time"] = measured * row.nfe / row.measured_nfe(steps)
+            seconds, inside = wall_time(lambda: row.measured_run(steps), device, args.repeats, row.clock)
+            scale = row.nfe / row.measured_nfe(steps)
+            seconds, inside = seconds * scale, inside * scale
             row.results["how"] = f"extrapolated from {row.measured_nfe(steps)} NFE"
-        row.results["outside"] = max(0.0, 1 - forward[row.network] * row.nfe / row.results["time"])
-    return forward
+        row.results["time"], row.results["network"] = seconds, inside
+        row.results["outside"] = max(0.0, 1 - inside / seconds)
 
 
 def analytic_errors(rows):
@@ -244,7 +279,7 @@ def static_rows(args, rows, device):
         ode_static = StaticMRSampler(ode, args.batch, device, mu.dtype, has_mu=True)
         row.results["static_check"] = float((ode_static(model, x_T, mu) - ode.sample(model, mu, x_T=x_T)).abs().max())
         static = StaticMRSampler(sampler, args.batch, device, mu.dtype, has_mu=True)
-        row.results["static_eager"] = wall_time(lambda: static(model, x_T, mu), device, args.repeats)
+        row.results["static_eager"] = wall_time(lambda: static(model, x_T, mu), device, args.repeats)[0]
 
 
 def graph_rows(args, rows, networks, device, notes):
@@ -268,12 +303,12 @@ def graph_rows(args, rows, networks, device, notes):
                 static_out = static(model, static_x, static_mu)
             graph.replay()
             synchronize(device)
-            row.results["graph"] = wall_time(graph.replay, device, args.repeats)
+            row.results["graph"] = wall_time(graph.replay, device, args.repeats)[0]
             net_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(net_graph):
                 for _ in range(row.nfe):
                     networks[row.network]()
-            row.results["graph_network"] = wall_time(net_graph.replay, device, args.repeats)
+            row.results["graph_network"] = wall_time(net_graph.replay, device, args.repeats)[0]
             row.results["graph_outside"] = max(0.0, 1 - row.results["graph_network"] / row.results["graph"])
             row.results["graph_finite"] = bool(torch.isfinite(static_out).all())
         except RuntimeError as error:
@@ -291,19 +326,19 @@ def report(args, device, per_preset, seconds):
         "",
         f"Batch {args.batch}, float32, randomly initialised networks, best of {args.repeats} timed runs after a warm-up (one run above 200 NFE). "
         f"Runs above {args.max_measured_nfe} NFE are timed on a shorter run of the same sampler and extrapolated linearly in NFE. "
-        "\"outside network\": 1 - (NFE x one forward pass) / wall time. Analytic error: the same sampler with the exact "
+        "\"outside network\": the share of the wall time spent outside the network's calls, timed inside the same run. Analytic error: the same sampler with the exact "
         f"denoiser of N({DATA_MEAN}, {DATA_STD}^2) data ({args.analytic_samples} samples x 8 dimensions), per-dimension "
         "Gaussian W2 to the data (0 is exact; the Monte-Carlo floor at this size is about "
         f"{1.25 * DATA_STD / math.sqrt(args.analytic_samples):.1e}).",
         "",
     ]
-    for preset, (rows, forward, info, notes) in per_preset.items():
+    for preset, (rows, info, notes) in per_preset.items():
         pc = next(r for r in rows if r.nfe == 2000).results["time"]
         posterior = next(r for r in rows if r.nfe == 100).results["time"]
         lines += [
             f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)",
             "",
-            f"One forward pass: mr {1e3 * forward['mr']:.1f} ms, cmde {1e3 * forward['cmde']:.1f} ms (batch {args.batch}).",
+            "Network time per call, measured inside the runs: " + ", ".join(f"{row.label} NFE {row.nfe}: {1e3 * row.results['network'] / row.nfe:.1f} ms" for row in rows) + ".",
             "",
             "| sampler | network | NFE | wall time (s) | per image (s) | speed-up vs PC 2000 | vs posterior 100 | outside network | analytic W2 | timing |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -383,12 +418,12 @@ def main():
         for preset in args.presets:
             rows, networks, info = build_rows(args, preset, device)
             notes = []
-            forward = time_rows(args, rows, networks, device)
+            time_rows(args, rows, device)
             analytic_errors(rows)
             static_rows(args, rows, device)
             if device.type == "cuda":
                 graph_rows(args, rows, networks, device, notes)
-            per_preset[preset] = (rows, forward, info, notes)
+            per_preset[preset] = (rows, info, notes)
     out = report(args, device, per_preset, time.perf_counter() - start)
     print(out.read_text())
     print(f"wrote {out}")

@@ -426,6 +426,12 @@ class DropInMRSampler:
         times = times.to(torch.float64)
         if times.numel() < 2 or bool((times[1:] >= times[:-1]).any()) or float(times[-1]) < 0 or float(times[0]) > sde.T:
             raise ValueError(f"num_inference_steps: time_schedule {kind!r} with {steps} steps (offset {self.timestep_offset}) gives no strictly decreasing grid in [0, {sde.T}]: {times.tolist()}")
+        inside_first_cell = (times > 0) & (times < 1)
+        if math.isinf(float(grid_lam[0])) and bool(inside_first_cell.any()):
+            raise ValueError(
+                f"time_schedule: {kind!r} with {steps} steps puts times in (0, 1) ({times[inside_first_cell].tolist()}), where the "
+                f"'irsde' convention's schedule has lam = inf (sigma_0 = 0); use convention='mrs' or a grid with no time between 0 and 1"
+            )
         nfe = times.numel() - 1
         if nfe < self.order:
             raise ValueError(f"num_sample_steps: expected at least order = {self.order} steps (the official code repeats its last step otherwise), got {nfe}")

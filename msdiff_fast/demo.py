@@ -10,10 +10,12 @@ command on the same machine (same thread count) reproduces the numbers.
 """
 
 import dataclasses
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -53,8 +55,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(is_quick=True, image_size=16, train_steps=30, batch_size=8, lr=1e-3, warmup=5, train_images=256,
-                   test_images=4, nfe=(5, 10, 20), samples_per_input=2, pc_nfe=20, posterior_nfe=10)
+        return cls(is_quick=True, image_size=16, train_steps=20, batch_size=4, lr=1e-3, warmup=5, train_images=64,
+                   test_images=2, nfe=(5, 10, 20), samples_per_input=2, pc_nfe=10, posterior_nfe=5)
 
     def replace(self, **changes) -> "DemoSettings":
         settings = dataclasses.replace(self, **changes)
@@ -91,13 +93,16 @@ class DemoModel:
 def demo_models(settings: DemoSettings) -> List[DemoModel]:
     size, scale = settings.image_size, settings.sr_scale
     sr = ModelSpec("sr", {"scale": scale}, "cmde", {"sigma_y_max": 0.5}, "tiny", size, 3)
-    denoise = ModelSpec("denoise", {"noise_sigma": settings.noise_sigma}, "mr", {"lam_inf": 50.0 / 255.0, "target": "noise"}, "tiny", size, 3)
+    # The network predicts the clean image ("data" target): a noise-predicting network's x0 estimate
+    # near t = T is (x_t - mu - sigma eps) / alpha with alpha_T = 0.005, which multiplies its error
+    # by 40 and more, far too much for a model trained for minutes (DA-CLIP trains for days).
+    denoise = ModelSpec("denoise", {"noise_sigma": settings.noise_sigma}, "mr", {"lam_inf": 50.0 / 255.0, "target": "data"}, "tiny", size, 3)
     fast = ("mr-sde", "mr-ode")
     return [
         DemoModel("sr", f"super-resolution x{scale}, CMDE (VE SDE, sigma_y_max 0.5)", sr,
                   tuple(SamplerSpec(name, nfe) for name in fast for nfe in settings.nfe), SamplerSpec("pc", settings.pc_nfe),
                   "bicubic upsampling of the low-resolution input"),
-        DemoModel("denoise", f"denoising, Gaussian noise sigma {settings.noise_sigma:g}/255, mean-reverting SDE (lam_inf 50/255)", denoise,
+        DemoModel("denoise", f"denoising, Gaussian noise sigma {settings.noise_sigma:g}/255, mean-reverting SDE (lam_inf 50/255, data prediction)", denoise,
                   tuple(SamplerSpec(name, nfe) for name in fast for nfe in settings.nfe), SamplerSpec("posterior", settings.posterior_nfe),
                   "the noisy input"),
     ]
@@ -107,7 +112,8 @@ def _log(message: str) -> None:
     print(f"[msdiff demo] {message}", file=sys.stderr, flush=True)
 
 
-def _train(model: DemoModel, settings: DemoSettings, out: Path, device: torch.device, progress: bool) -> Dict:
+def _train(model: DemoModel, settings: DemoSettings, out: Path, device: torch.device, progress: bool, bar: bool) -> Dict:
+    """Train one model into out/runs/<key>. bar: a tqdm bar (one process) or a log line every tenth of the run."""
     from .training import ConditionalPairs, SyntheticImages
     from .training.checkpoint import latest_checkpoint
     from .training.trainer import TrainConfig, Trainer
@@ -120,17 +126,25 @@ def _train(model: DemoModel, settings: DemoSettings, out: Path, device: torch.de
     dataset = ConditionalPairs(images, spec.degradation(), seed=settings.seed)
     network = spec.network()
     estimator = spec.build_estimator()
+    report_every = max(1, settings.train_steps // 10)
     config = TrainConfig(steps=settings.train_steps, batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
                          ema_decay=0.999, seed=settings.seed, log_every=max(1, min(50, settings.train_steps)), checkpoint_every=0,
-                         keep_checkpoints=1, out_dir=str(run_dir), device=str(device), progress=progress)
+                         keep_checkpoints=1, out_dir=str(run_dir), device=str(device), progress=progress and bar,
+                         preview_every=0 if bar or not progress else report_every)
+
+    def report(trainer, step: int) -> None:
+        loss = trainer.last_metrics.get("loss")
+        _log(f"{model.key}: step {step}/{settings.train_steps}, loss {format_number(loss, 4)}, {trainer.seconds:.0f} s")
+
     torch.manual_seed(settings.seed)
-    trainer = Trainer(network, estimator, dataset, config, description=spec.description())
+    trainer = Trainer(network, estimator, dataset, config, preview=report, description=spec.description())
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return {"trainer": trainer, "parameters": sum(p.numel() for p in network.parameters()), "seconds": trainer.seconds,
+    info = {"parameters": sum(p.numel() for p in network.parameters()), "seconds": trainer.seconds,
             "loss": trainer.last_metrics.get("loss"), "checkpoint": str(latest_checkpoint(run_dir))}
+    return {"network": trainer.ema, "estimator": trainer.estimator, "info": info}
 
 
 def _test_pairs(model: DemoModel, settings: DemoSettings) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,13 +166,12 @@ def _test_pairs(model: DemoModel, settings: DemoSettings) -> Tuple[torch.Tensor,
 
 def _sample_many(trained: Dict, condition: torch.Tensor, sampler: SamplerSpec, copies: int, seed: int, device: torch.device) -> Tuple[torch.Tensor, float]:
     """``copies`` samples of every condition in one batch: [copies, B, C, H, W] and the seconds taken."""
-    trainer = trained["trainer"]
     batch = condition.repeat(copies, 1, 1, 1).to(device)
     generator = torch.Generator().manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    samples = restore_batch(trainer.ema, trainer.estimator, batch, sampler, generator)
+    samples = restore_batch(trained["network"], trained["estimator"], batch, sampler, generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -281,7 +294,7 @@ def _machine(device: torch.device) -> str:
 
 
 def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained: Dict, results: Dict, seconds: float,
-            command: str, device: torch.device) -> None:
+            command: str, device: torch.device, workers: int) -> None:
     lines = [
         "# msdiff demo report",
         "",
@@ -300,6 +313,7 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
         f" {settings.train_images} training images, {settings.test_images} held-out test images (another seed).",
         f"- Training: tiny U-Net preset, Adam lr {settings.lr:g} (warm-up {settings.warmup}), batch {settings.batch_size},"
         f" {settings.train_steps} steps per model, EMA 0.999 (warmed up); samples use the EMA weights.",
+        f"- Processes: {'the two models were trained and evaluated at the same time in two worker processes, one thread each (timings are measured under that load)' if workers > 1 else 'one process, the models one after the other'}.",
     ]
     for model in models:
         info = trained[model.key]
@@ -353,19 +367,41 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
     path.write_text("\n".join(lines))
 
 
+def run_model(key: str, settings: DemoSettings, out: Path, device_name: str, threads: int, progress: bool, bar: bool) -> Dict:
+    """Train, sample and evaluate the demo model ``key`` with ``threads`` CPU threads (a worker's job)."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model = {m.key: m for m in demo_models(settings)}[key]
+    _log(f"training {model.key}: {model.title} ({settings.train_steps} steps of {settings.batch_size} on {device}, {threads} thread(s))")
+    trained = _train(model, settings, out, device, progress, bar)
+    _log(f"sampling {model.key}: fast samplers at NFE {list(settings.nfe)}, reference {model.reference.name} at NFE {model.reference.nfe}")
+    results = _evaluate_model(model, trained, settings, device, progress and bar)
+    _log(f"{model.key} done")
+    return {"training": trained["info"], **results}
+
+
+def _worker_count(device: torch.device) -> int:
+    """Two models, two workers when there are two CPU threads to give: one thread each is far
+    faster than two processes' worth of work on two shared threads, and no slower when idle."""
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
 def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: bool = True, command: str = "msdiff demo") -> Dict:
     """Run the demo into ``out`` (which must be writable); return what metrics.json holds."""
     settings.check()
     started = time.perf_counter()
     models = demo_models(settings)
     _pyplot()  # fail now, not after the training, when matplotlib is missing
-    trained, results = {}, {}
-    for model in models:
-        _log(f"training {model.key}: {model.title} ({settings.train_steps} steps of {settings.batch_size} on {device})")
-        trained[model.key] = _train(model, settings, out, device, progress)
-    for model in models:
-        _log(f"sampling {model.key}: fast samplers at NFE {list(settings.nfe)}, reference {model.reference.name} at NFE {model.reference.nfe}")
-        results[model.key] = _evaluate_model(model, trained[model.key], settings, device, progress)
+    workers = _worker_count(device)
+    if workers > 1:
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {model.key: pool.submit(run_model, model.key, settings, out, str(device), threads, progress, False) for model in models}
+            results = {key: future.result() for key, future in futures.items()}
+    else:
+        results = {model.key: run_model(model.key, settings, out, str(device), torch.get_num_threads(), progress, True) for model in models}
+    trained = {key: result["training"] for key, result in results.items()}
     _samples_figure(out / "samples.png", models, results, columns=min(8, settings.test_images))
     _nfe_figure(out / "nfe_curve.png", models, results)
     seconds = time.perf_counter() - started
@@ -374,11 +410,12 @@ def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: 
         "machine": _machine(device),
         "settings": dataclasses.asdict(settings),
         "seconds": seconds,
+        "workers": workers,
         "models": {
             model.key: {
                 "title": model.title,
                 "description": model.spec.description(),
-                "training": {k: v for k, v in trained[model.key].items() if k != "trainer"},
+                "training": trained[model.key],
                 "reference": {"sampler": model.reference.name, "nfe": model.reference.nfe, "usual_nfe": USUAL_NFE[model.reference.name]},
                 "rows": results[model.key]["rows"],
             }
@@ -387,7 +424,7 @@ def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: 
         "notes": {"fid_small": "FID with SmallFeatureNet (fixed random network): not comparable with published FID"},
     }
     write_json(out / "metrics.json", metrics)
-    _report(out / "report.md", settings, models, trained, results, seconds, command, device)
+    _report(out / "report.md", settings, models, trained, results, seconds, command, device, workers)
     _log(f"done in {seconds / 60:.1f} min: {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'nfe_curve.png'}")
     print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'} and {out / 'nfe_curve.png'} in {seconds:.0f} s")
     return metrics

@@ -11,6 +11,7 @@ a tensor of any shape and every method returns a float64 tensor of t's shape (on
 The half log-SNR is lam = log(alpha) - log(sigma), decreasing in t; ``t_of_lam`` inverts it.
 """
 
+import abc
 import math
 from typing import Optional, Sequence, Union
 
@@ -47,7 +48,7 @@ def _bisect_decreasing(fn, target: torch.Tensor, lo: float, hi: float, iteration
     return 0.5 * (low + high)
 
 
-class LinearSDE:
+class LinearSDE(abc.ABC):
     """Base class. Subclasses define log_alpha, sigma, their derivatives and the prior."""
 
     T: float = 1.0
@@ -56,17 +57,21 @@ class LinearSDE:
     t_end: float = 1e-3
     t_lambda_floor: float = 1e-3
 
+    @abc.abstractmethod
     def log_alpha(self, t: Time) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__ + " must define log_alpha")
+        """Schedule function of the subclass."""
 
+    @abc.abstractmethod
     def sigma(self, t: Time) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__ + " must define sigma")
+        """Schedule function of the subclass."""
 
+    @abc.abstractmethod
     def dlog_alpha_dt(self, t: Time) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__ + " must define dlog_alpha_dt")
+        """Schedule function of the subclass."""
 
+    @abc.abstractmethod
     def dsigma2_dt(self, t: Time) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__ + " must define dsigma2_dt")
+        """Schedule function of the subclass."""
 
     @property
     def prior_std(self) -> float:

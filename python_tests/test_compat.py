@@ -246,6 +246,7 @@ def test_bad_arguments_raise_clearly():
         (lambda: DropInMRSampler(irsde_object(network), OPT, 2, order=3), ValueError, "num_sample_steps"),
         (lambda: DropInMRSampler(irsde_object(network), OPT, 120, time_schedule="leading"), ValueError, "strictly decreasing"),
         (lambda: DropInMRSampler(irsde_object(network), OPT, 0), ValueError, "num_inference_steps"),
+        (lambda: DropInMRSampler(irsde_object(network), OPT, 10, time_schedule="karras-n", convention="irsde"), ValueError, "lam = inf"),
         (lambda: DropInMRSampler(irsde_object(network), OPT, 10, thresholding=True, threshold_max=0.5), ValueError, "threshold"),
         (lambda: DropInMRSampler(irsde_object(network), OPT, 10).sampling(mu[0]), ValueError, "cond"),
         (lambda: DropInMRSampler(irsde_object(network), OPT, 10).sampling(mu, savedir="unused"), ValueError, "savedir"),

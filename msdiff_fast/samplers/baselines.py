@@ -189,7 +189,9 @@ def pc_sample(
             score = _form(x_sde, s, model_output, "score", call_model(net, x, s, None), x, None).evaluate(x, backend=backend)
             z = Combination([(x, 0.0)]).evaluate(x, 1.0, seed=seed, offset=draws * x.numel(), backend=backend)
             draws += 1
-            step = 2 * _langevin_alpha(x_sde, s, t) * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
+            score_norm = _mean_norm(score)
+            # a zero score (e.g. an untrained, zero-initialised network) has no direction to move in
+            step = 2 * _langevin_alpha(x_sde, s, t) * (snr * _mean_norm(z) / score_norm) ** 2 if score_norm > 0 else 0.0
             x = Combination([(x, 1.0), (score, step), (z, math.sqrt(2 * step))]).evaluate(x, backend=backend)
         score = _form(x_sde, s, model_output, "score", call_model(net, x, s, None), x, None)
         if isinstance(x_sde, VESDE):

@@ -6,6 +6,7 @@ reference solution (any data), with no training. Both data models are independen
 enters through the SDE (x_t | x0 ~ N(alpha x0 + (1 - alpha) mu, sigma^2)).
 """
 
+import abc
 from typing import Optional, Sequence
 
 import torch
@@ -19,11 +20,12 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values
 
 
-class ExactModel:
+class ExactModel(abc.ABC):
     """Base: ``denoiser(sde, kind)`` is a model(x_t, t, mu) returning ``kind`` exactly."""
 
+    @abc.abstractmethod
     def data_prediction(self, sde: LinearSDE, x_t: torch.Tensor, t: torch.Tensor, mu: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError(type(self).__name__ + " must define data_prediction")
+        """E[x0 | x_t, mu] in float64."""
 
     def denoiser(self, sde: LinearSDE, kind: str = "data"):
         check_kind("kind", kind)
