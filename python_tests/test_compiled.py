@@ -31,7 +31,7 @@ def instruction_sets():
 def instruction_set(request):
     """Runs a CPU test once per kernel variant this build and CPU have (AVX2+FMA and baseline)."""
     if request.param is None:
-        pytest.skip(str(compiled.CPU_IMPORT_ERROR))
+        pytest.fail(f"msdiff_fast._C must be built for these tests: {compiled.CPU_IMPORT_ERROR}")
     previous = compiled._C.instruction_set()
     compiled._C.use_instruction_set(request.param)
     yield request.param
