@@ -13,18 +13,20 @@ noise from (seed, offset), which is how training uses it (no noise tensor kept b
 noise_inject and the loss), and reading the stored noise tensor that the eager formula reads.
 
 Timing: medians (and 20th/80th percentiles) over repeats that visit the providers round-robin, so
-that a busy machine slows all of them alike. Peak memory: bytes allocated during one call over
-what existed before it (CUDA: torch.cuda.max_memory_allocated; CPU: the "[memory]" events of
-torch.profiler with profile_memory=True, i.e. torch's CPU allocator accounting). On CUDA, the
-bandwidth of the bytes each op must move (inputs read once, outputs written once) as a fraction
-of a device-to-device copy of max(8M, numel) float32 elements.
+that a busy machine slows all of them alike; on CUDA each sample is 10 calls queued back to back
+between two CUDA events. Peak memory: bytes allocated during one call over what existed before it
+(CUDA: torch.cuda.max_memory_allocated; CPU: the "[memory]" events of torch.profiler with
+profile_memory=True, i.e. torch's CPU allocator accounting). On CUDA also the kernels' own GPU
+time per call (torch.profiler; host overhead excluded) and, from it, the bandwidth of the bytes
+each op must move (inputs read once, outputs written once) as a fraction of a device-to-device
+copy of max(8M, numel) float32 elements timed the same way.
 
     python3 benchmarks/benchmark_ops.py                          # CPU, [16, 3, 160, 160] float32
     python3 benchmarks/benchmark_ops.py --device cuda --shape 64,3,256,256
     python3 benchmarks/benchmark_ops.py --quick                  # fewer repeats
 
-Writes benchmarks/results/ops_<device>.csv and .md (overwritten) with the device name, torch
-version, date, load average and command line.
+Writes benchmarks/results/ops_<device>.csv and .md (ops_<device>_threads<N>.* with --threads;
+overwritten) with the device name, torch version, date, load average and command line.
 """
 
 import argparse
@@ -141,12 +143,40 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+# Calls per timed sample on CUDA: launched back to back between two events, so the sample is the
+# steady-state cost per call (GPU time, or the host's launch cost where that is larger) rather
+# than one launch plus two synchronisations.
+CUDA_CALLS_PER_SAMPLE = 10
+
+
 def time_once(fn, device) -> float:
-    synchronize(device)
+    """Seconds per call: one call on CPU; the mean of CUDA_CALLS_PER_SAMPLE queued calls on CUDA."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(CUDA_CALLS_PER_SAMPLE):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / CUDA_CALLS_PER_SAMPLE
     start = time.perf_counter()
     fn()
-    synchronize(device)
     return time.perf_counter() - start
+
+
+def kernel_seconds(fn, calls: int = 5) -> float:
+    """GPU time of the kernels one call launches (host overhead excluded), from torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in profiler.key_averages():
+        # self_device_time_total since torch 2.4, self_cuda_time_total before.
+        total_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return total_us / 1e6 / calls
 
 
 def peak_bytes(fn, device) -> int:
@@ -175,8 +205,7 @@ def copy_bandwidth(numel: int, device) -> float:
     target = torch.empty_like(source)
     for _ in range(3):
         target.copy_(source)
-    times = [time_once(lambda: target.copy_(source), device) for _ in range(20)]
-    return 2 * numel * 4 / statistics.median(times)
+    return 2 * numel * 4 / kernel_seconds(lambda: target.copy_(source), calls=20)
 
 
 def measure(cases, device, repeats, warmup):
@@ -198,11 +227,15 @@ def measure(cases, device, repeats, warmup):
         for provider, fn in runnable.items():
             samples = sorted(times[provider])
             median = statistics.median(samples)
-            rows.append(dict(
+            row = dict(
                 op=name, provider=provider, median_ms=1e3 * median,
                 p20_ms=1e3 * samples[int(0.2 * (len(samples) - 1))], p80_ms=1e3 * samples[int(0.8 * (len(samples) - 1))],
-                peak_mib=peak_bytes(fn, device) / 2**20, gbps=useful_bytes / median / 1e9, note="",
-            ))
+                peak_mib=peak_bytes(fn, device) / 2**20, note="",
+            )
+            if device == "cuda":
+                kernels = kernel_seconds(fn)
+                row.update(kernel_ms=1e3 * kernels, gbps=useful_bytes / kernels / 1e9 if kernels > 0 else float("nan"))
+            rows.append(row)
         eager = next(r for r in rows if r["op"] == name and r["provider"] == "eager")
         for row in rows:
             if row["op"] == name and "median_ms" in row:
@@ -240,8 +273,9 @@ def write_results(rows, args, device, copy_bytes_per_s):
         for row in rows:
             if "gbps" in row:
                 row["bandwidth_fraction"] = row["gbps"] * 1e9 / copy_bytes_per_s
-    columns = ["op", "provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "peak_mib", "gbps", "bandwidth_fraction", "note"]
-    csv_path = results / f"ops_{device}.csv"
+    columns = ["op", "provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "peak_mib", "kernel_ms", "gbps", "bandwidth_fraction", "note"]
+    stem = f"ops_{device}" + (f"_threads{args.threads}" if args.threads is not None else "")
+    csv_path = results / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(context) + columns)
         writer.writeheader()
@@ -254,19 +288,19 @@ def write_results(rows, args, device, copy_bytes_per_s):
     header = "| op | provider | median ms (p20-p80) | speedup vs eager | peak MiB |"
     rule = "|---|---|---|---|---|"
     if copy_bytes_per_s:
-        header += " GB/s | of copy bandwidth |"
-        rule += "---|---|"
+        header += " kernel ms | GB/s (kernels) | of copy bandwidth |"
+        rule += "---|---|---|"
     lines += [header, rule]
     for row in rows:
         if "median_ms" not in row:
-            lines.append(f"| {row['op']} | {row['provider']} | {row['note']} | | |" + (" | |" if copy_bytes_per_s else ""))
+            lines.append(f"| {row['op']} | {row['provider']} | {row['note']} | | |" + (" | | |" if copy_bytes_per_s else ""))
             continue
         line = (f"| {row['op']} | {row['provider']} | {row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f}) | "
                 f"{row['speedup_vs_eager']:.2f}x | {row['peak_mib']:.1f} |")
         if copy_bytes_per_s:
-            line += f" {row['gbps']:.0f} | {100 * row['bandwidth_fraction']:.0f}% |"
+            line += f" {row['kernel_ms']:.3f} | {row['gbps']:.0f} | {100 * row['bandwidth_fraction']:.0f}% |"
         lines.append(line)
-    md_path = results / f"ops_{device}.md"
+    md_path = results / f"{stem}.md"
     md_path.write_text("\n".join(lines) + "\n")
     print(f"wrote {csv_path} and {md_path}")
 
@@ -278,7 +312,10 @@ def main():
                         help="B,C,H,W of x (y, terms and the network output have the same shape)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     device, dtype = args.device, DTYPES[args.dtype]

@@ -576,10 +576,9 @@ def command_sample(args: argparse.Namespace) -> int:
     written = 0
     for sample_index in range(args.num_samples):
         target = out / f"sample_{sample_index}" if args.num_samples > 1 else out
-        chunk = max(1, args.batch)
-        for start in tqdm(range(0, len(files), chunk), desc=f"sample {sample_index + 1}/{args.num_samples}", unit="batch", disable=args.no_progress):
-            restored = restore_tiled(restore, conditions[start:start + chunk], tile, overlap, args.batch)
-            for path, image in zip(files[start:start + chunk], restored):
+        for start in tqdm(range(0, len(files), args.batch), desc=f"sample {sample_index + 1}/{args.num_samples}", unit="batch", disable=args.no_progress):
+            restored = restore_tiled(restore, conditions[start:start + args.batch], tile, overlap, args.batch)
+            for path, image in zip(files[start:start + args.batch], restored):
                 destination = target / path.relative_to(args.input).with_suffix(".png")
                 try:
                     write_image(destination, image)
@@ -832,13 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog="example:\n  msdiff demo --out demo_out\n  msdiff demo --quick --out /tmp/demo")
     demo.add_argument("--out", required=True, help="output directory (created if needed)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for CI: finite numbers, not meaningful quality")
-    demo.add_argument("--train-steps", dest="train_steps", type=int, help="training steps per model (default: 1500 full, 30 quick)")
-    demo.add_argument("--batch-size", dest="batch_size", type=int, help="training batch (default: 16 full, 8 quick)")
-    demo.add_argument("--image-size", dest="image_size", type=int, help="image size, a multiple of 4 (default: 32 full, 16 quick)")
-    demo.add_argument("--test-images", dest="test_images", type=int, help="held-out images to restore (default: 16 full, 4 quick)")
+    demo.add_argument("--train-steps", dest="train_steps", type=int, help="training steps per model (default: 1500 full, 20 quick)")
+    demo.add_argument("--batch-size", dest="batch_size", type=int, help="training batch (default: 16 full, 4 quick)")
+    demo.add_argument("--image-size", dest="image_size", type=int, help="image size, a multiple of 4 (default 16)")
+    demo.add_argument("--test-images", dest="test_images", type=int, help="held-out images to restore (default: 16 full, 2 quick)")
     demo.add_argument("--nfe", type=int, nargs="+", help="NFEs of the fast samplers (default: 5 10 20)")
-    demo.add_argument("--pc-nfe", dest="pc_nfe", type=int, help="NFE of predictor-corrector (usual: 2000; default 1000 full, 20 quick)")
-    demo.add_argument("--posterior-nfe", dest="posterior_nfe", type=int, help="NFE of posterior sampling (usual: 100; default 100 full, 10 quick)")
+    demo.add_argument("--pc-nfe", dest="pc_nfe", type=int, help="NFE of predictor-corrector (usual and full default: 2000; quick 10)")
+    demo.add_argument("--posterior-nfe", dest="posterior_nfe", type=int, help="NFE of posterior sampling (usual and full default: 100; quick 5)")
     demo.add_argument("--seed", type=int, help="seed of data, training and sampling (default 0)")
     _add_common(demo)
     demo.set_defaults(handler=command_demo)
@@ -862,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sigma-y", dest="sigma_y", type=float, help="cmde: sigma_y_max; vscmde: its final value (default 0.5 for sr, 1 otherwise)")
     train.add_argument("--vs-target-step", dest="vs_target_step", type=int, help="vscmde: step at which sigma_y reaches --sigma-y (default steps/2)")
     train.add_argument("--mr-sigma", dest="mr_sigma", type=float, help="mr: stationary noise std on the 0-255 scale (default 50, as DA-CLIP)")
-    train.add_argument("--mr-target", dest="mr_target", choices=("noise", "data", "velocity"), help="mr: what the network predicts (default noise)")
+    train.add_argument("--mr-target", dest="mr_target", choices=("noise", "data", "velocity"), help="mr: what the network predicts (default noise, as IR-SDE / DA-CLIP; data needs far less training before its samples are good)")
     train.add_argument("--preset", help="U-Net preset: tiny, edges2shoes_64, celeba_inpaint_128, celeba_sr_x8_160 (default tiny)")
     train.add_argument("--image-size", dest="image_size", type=int, help="training image size (default: the preset's)")
     train.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB (default 3)")

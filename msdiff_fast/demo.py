@@ -30,7 +30,10 @@ USUAL_NFE = {"pc": 2000, "posterior": 100}
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """What the demo runs. ``full()`` fits about 15 minutes on 2 CPU cores, ``quick()`` under 2."""
+    """What the demo runs. ``full()`` fits about 15 minutes on 2 CPU cores, ``quick()`` under 2.
+
+    16x16 images: on a CPU the budget buys four times more training steps than at 32x32, and the
+    models need every one of them."""
 
     is_quick: bool
     image_size: int
@@ -50,8 +53,8 @@ class DemoSettings:
 
     @classmethod
     def full(cls) -> "DemoSettings":
-        return cls(is_quick=False, image_size=32, train_steps=1500, batch_size=16, lr=1e-3, warmup=100, train_images=4096,
-                   test_images=16, nfe=(5, 10, 20), samples_per_input=4, pc_nfe=1000, posterior_nfe=100)
+        return cls(is_quick=False, image_size=16, train_steps=1500, batch_size=16, lr=1e-3, warmup=100, train_images=4096,
+                   test_images=16, nfe=(5, 10, 20), samples_per_input=4, pc_nfe=2000, posterior_nfe=100)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -332,7 +335,12 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
             lines.append(f"- **Reduced reference**: `{reference.name}` ran at NFE {reference.nfe} instead of its usual {usual}"
                          f" to fit the demo's time budget (its quality at {usual} would be at least as good; its time would be"
                          f" {usual / reference.nfe:.1f}x longer, and so would the speed-ups below).")
-    lines += ["", "## Results", ""]
+    lines += ["", "## Timings", "",
+              markdown_table(["model", "training (s)", "sampling + metrics (s)", "slowest sampler (s / image)", "fastest sampler (s / image)"],
+                             [[model.key, trained[model.key]["seconds"], trained[model.key]["evaluation_seconds"],
+                               max(r["seconds_per_image"] for r in results[model.key]["rows"][1:]),
+                               min(r["seconds_per_image"] for r in results[model.key]["rows"][1:])] for model in models]),
+              "## Results", ""]
     header = ["sampler", "NFE", "PSNR (dB)", "SSIM", "consistency (dB)", "diversity", "FID (SmallFeatureNet)", "s / image", "speed-up"]
     for model in models:
         rows = results[model.key]["rows"]
@@ -347,6 +355,15 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
         reference = rows[-1]
         lines.append(f"Best fast sampler: {best['label']} at NFE {best['nfe']}: {best['psnr']:.2f} dB vs the reference's"
                      f" {reference['psnr']:.2f} dB at NFE {reference['nfe']}, {best['speedup_vs_reference']:.1f}x faster per image.")
+        if best["psnr"] < rows[0]["psnr"]:
+            lines.append(f"\n**This model is far from converged**: after {settings.train_steps} steps (the paper trains for hundreds of"
+                         f" thousands) its samples score below the input baseline ({rows[0]['psnr']:.2f} dB). Compare the samplers"
+                         f" with each other here, not with the baseline; `samples.png` shows what it has learnt so far.")
+            if model.spec.estimator != "mr":
+                lines.append("Why: a VE model's clean-image estimate at noise level sigma is x_t - sigma eps_hat, so the network's"
+                             " noise-prediction error is multiplied by sigma (up to sqrt(D) here). The coarse content, above all the"
+                             " colours, is decided at those high noise levels, where a briefly trained network is not yet precise:"
+                             " the samples get the structure of the condition but not its colours.")
         lines.append("")
     lines += [
         "## How to read this",
@@ -375,7 +392,9 @@ def run_model(key: str, settings: DemoSettings, out: Path, device_name: str, thr
     _log(f"training {model.key}: {model.title} ({settings.train_steps} steps of {settings.batch_size} on {device}, {threads} thread(s))")
     trained = _train(model, settings, out, device, progress, bar)
     _log(f"sampling {model.key}: fast samplers at NFE {list(settings.nfe)}, reference {model.reference.name} at NFE {model.reference.nfe}")
+    started = time.perf_counter()
     results = _evaluate_model(model, trained, settings, device, progress and bar)
+    trained["info"]["evaluation_seconds"] = time.perf_counter() - started
     _log(f"{model.key} done")
     return {"training": trained["info"], **results}
 

@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_FILES = ("report.md", "metrics.json", "samples.png", "nfe_curve.png")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tensors here are tiny: a second thread only adds start-up and contention time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------- tiling
 @pytest.mark.parametrize("length, tile, overlap", [(16, 16, 4), (17, 16, 4), (45, 16, 4), (100, 32, 8), (33, 16, 0), (40, 16, 15)])
 def test_tile_starts_cover_the_line_with_the_requested_overlap(length, tile, overlap):

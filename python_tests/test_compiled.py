@@ -171,10 +171,27 @@ def test_cpu_tails_and_tiles_match_the_reference(instruction_set, dtype, shape):
     assert_matches(loss, want_loss, 1e-5 * want_loss.abs().max().item() + 1e-6, "loss")
 
 
+@pytest.fixture(params=["openmp", "threads"])
+def thread_pool(request):
+    """Each CPU thread pool: torch's OpenMP team (the default under torch) and helper threads."""
+    previous = compiled._C.thread_pool()
+    compiled._C.use_thread_pool(request.param)
+    yield request.param
+    compiled._C.use_thread_pool("openmp" if previous == "openmp" else "threads")
+
+
+@needs_cpu_module
+def test_cpu_ops_share_torchs_openmp_team_when_torch_runs_on_openmp():
+    uses_openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert compiled._C.thread_pool() == ("openmp" if uses_openmp else "threads")
+    with pytest.raises(ValueError, match="thread pool: expected 'openmp'.*got 'tbb'"):
+        compiled._C.use_thread_pool("tbb")
+
+
 @needs_cpu_module
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_cpu_thread_shares_with_a_remainder_give_identical_results(with_noise):
-    # Shares are >= 2**16 elements without noise and >= 2**13 with it: 3 shares and a remainder.
+def test_cpu_thread_shares_with_a_remainder_give_identical_results(thread_pool, with_noise):
+    # Chunks are >= 2**16 elements without noise and >= 2**13 with it: 3 chunks and a remainder.
     numel = 3 * (2**13 if with_noise else 2**16) + 17
     x, term = torch.randn(2, numel // 2 + 1), torch.randn(2, numel // 2 + 1)
     coefs = torch.rand(2, 2)
@@ -191,7 +208,7 @@ def test_cpu_thread_shares_with_a_remainder_give_identical_results(with_noise):
 
 
 @needs_cpu_module
-def test_cpu_noise_inject_thread_shares_cross_samples_and_parts():
+def test_cpu_noise_inject_thread_shares_cross_samples_and_parts(thread_pool):
     g = torch.Generator().manual_seed(1)
     x0, y0 = torch.randn(5, 3, 33, 41, generator=g), torch.randn(5, 2, 33, 41, generator=g)
     x_coefs, y_coefs = torch.rand(5, 2, generator=g), torch.rand(5, 2, generator=g)
@@ -207,7 +224,7 @@ def test_cpu_noise_inject_thread_shares_cross_samples_and_parts():
 
 @pytest.mark.parametrize("backend,device", RUNNABLE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_is_deterministic_and_independent_of_threads(backend, device, dtype):
+def test_loss_is_deterministic_and_independent_of_threads(thread_pool, backend, device, dtype):
     # Samples of several loss blocks/tiles (4096) with the split inside one of them.
     g = torch.Generator().manual_seed(2)
     output = torch.randn(3, 3, 61, 67, generator=g).to(device=device, dtype=dtype)

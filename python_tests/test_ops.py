@@ -179,6 +179,22 @@ def test_weighted_score_loss_matches_reference(backend, device, dtype, shape, sp
     assert_close_to_oracle(leaf.grad, (scale * g_same).to(dtype), scale.double() * g64, atol_for(dtype), "grad")
 
 
+@pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("weighted_score_loss") if c[2] == torch.float32])
+def test_weighted_score_loss_backward_of_a_plain_sum_and_repeated_backward(backend, device, dtype):
+    """loss.sum().backward() hands the forward's gradient over without rescaling it; a second
+    backward through the retained graph must still add the same gradient again."""
+    g = torch.Generator().manual_seed(5)
+    output = torch.randn(3, 2, 7, 9, generator=g).to(device).requires_grad_()
+    coefs = torch.rand(3, 1, 3, generator=g, dtype=torch.float64).to(device)
+    loss = weighted_score_loss(output, coefs, seed=9, offset=4, backend=backend)
+    _, want = reference.weighted_score_loss(output.detach().double(), coefs, None, 9, 4)
+    loss.sum().backward(retain_graph=True)
+    first = output.grad.clone()
+    assert (first.double().cpu() - want).abs().max().item() < 1e-5
+    loss.sum().backward()
+    assert (output.grad.double().cpu() - 2 * want).abs().max().item() < 2e-5
+
+
 def test_weighted_score_loss_gradient_equals_autograd_of_the_formula():
     output = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     coefs = torch.rand(3, 2, 3, dtype=torch.float64)

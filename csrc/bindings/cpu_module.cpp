@@ -88,6 +88,9 @@ NB_MODULE(_C, m) {
   m.def("instruction_sets", &msdiff::cpu::instruction_sets, "The kernel variants this build and CPU can run, best first.");
   m.def("instruction_set", &msdiff::cpu::instruction_set, "The kernel variant in use.");
   m.def("use_instruction_set", &msdiff::cpu::use_instruction_set, "name"_a, "Run the kernels of another variant (for tests).");
+  m.def("thread_pool", &msdiff::cpu::thread_pool,
+        "'openmp': the ops run on the team of the OpenMP runtime already loaded (torch's); 'threads': on helper threads of their own.");
+  m.def("use_thread_pool", &msdiff::cpu::use_thread_pool, "name"_a, "'openmp' (default, when loaded) or 'threads' (for tests and benchmarks).");
   m.attr("TILE") = msdiff::cpu::kTile;
   m.attr("LOSS_BLOCK") = msdiff::cpu::kLossBlock;
 }

@@ -2,11 +2,21 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
 
 #include "kernels.h"
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
+
+#include <cstring>
+#endif
 
 namespace msdiff::cpu {
 namespace {
@@ -15,8 +25,8 @@ namespace {
 // that only move memory need more elements than loops that also run Philox and Box-Muller.
 constexpr int64_t kGrainMemoryBound = int64_t{1} << 16;
 constexpr int64_t kGrainWithNoise = int64_t{1} << 13;
-// Thread shares start on multiples of this many elements (whole cache lines, aligned tiles).
-constexpr int64_t kShareAlignment = 64;
+// Chunks start on multiples of this many elements (whole cache lines, aligned tiles).
+constexpr int64_t kChunkAlignment = 64;
 
 std::vector<const Kernels*> supported_kernels() {
   std::vector<const Kernels*> tables;
@@ -38,45 +48,131 @@ std::atomic<const Kernels*>& active_kernels() {
 
 const Kernels& kernels() { return *active_kernels().load(std::memory_order_relaxed); }
 
-// body(begin, end) over [0, total) in at most num_threads contiguous shares of at least `grain`
-// units; the calling thread takes the first share.
+// Work is cut into chunks that the threads claim from a shared counter, and the caller waits
+// only for the chunks that were claimed. Why not fixed shares: right after a torch op, torch's
+// OpenMP workers spin on the other cores for a while, and a helper thread given a fixed share
+// may wait a whole scheduler time slice before it runs (on 2 cores that made a 0.3 ms op take
+// over 1 ms). Here a helper that starts late finds nothing left and the call costs what one
+// thread would. Helpers are detached and share the queue, so the caller never waits for one to
+// start; a helper touches the body only after claiming a chunk, which happens before the
+// caller's wait can end.
+class ChunkQueue {
+ public:
+  using Run = void (*)(const void* body, int64_t begin, int64_t end);
+
+  ChunkQueue(int64_t total, int64_t chunk, const void* body, Run run)
+      : total_(total), chunk_(chunk), chunks_((total + chunk - 1) / chunk), body_(body), run_(run) {}
+
+  // Runs chunks until none is left.
+  void work() {
+    for (int64_t c = next_.fetch_add(1); c < chunks_; c = next_.fetch_add(1)) {
+      run_(body_, c * chunk_, std::min(total_, (c + 1) * chunk_));
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (++done_ == chunks_) all_done_.notify_all();
+    }
+  }
+
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    all_done_.wait(lock, [this] { return done_ == chunks_; });
+  }
+
+ private:
+  const int64_t total_, chunk_, chunks_;
+  const void* const body_;
+  const Run run_;
+  std::atomic<int64_t> next_{0};
+  std::mutex mutex_;
+  std::condition_variable all_done_;
+  int64_t done_ = 0;
+};
+
+// Chunks per thread: enough that a late or slow thread costs at most a small part of the work.
+constexpr int64_t kChunksPerThread = 8;
+
+// GOMP_parallel(fn, data, num_threads, flags): run fn(data) on a team of threads and return
+// when all are done. It is the entry point compilers emit for `#pragma omp parallel`, exported
+// by GNU libgomp and, for compatibility, by LLVM's libomp and Intel's libiomp5.
+using OpenMPParallel = void (*)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+
+std::atomic<bool>& share_openmp_threads() {
+  static std::atomic<bool> share{true};
+  return share;
+}
+
+#if defined(__linux__)
+int find_openmp_parallel(struct dl_phdr_info* info, size_t, void* found) {
+  const char* slash = std::strrchr(info->dlpi_name, '/');
+  const char* name = slash != nullptr ? slash + 1 : info->dlpi_name;
+  if (std::strncmp(name, "libgomp", 7) != 0 && std::strncmp(name, "libomp", 6) != 0 && std::strncmp(name, "libiomp", 7) != 0) {
+    return 0;
+  }
+  void* library = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);  // a reference to the loaded copy, never a new one
+  void* symbol = library != nullptr ? dlsym(library, "GOMP_parallel") : nullptr;
+  if (symbol == nullptr) return 0;
+  *static_cast<OpenMPParallel*>(found) = reinterpret_cast<OpenMPParallel>(symbol);
+  return 1;
+}
+#endif
+
+// The OpenMP runtime already loaded into this process (torch's: its CPU ops run on OpenMP),
+// or null. Why share it: after each parallel region OpenMP's workers spin for a while before
+// they sleep, so threads of our own would compete with them for the same cores. On torch's
+// team they are the ones that pick up our work, at once. Searched until found, then kept.
+OpenMPParallel loaded_openmp() {
+  static std::atomic<OpenMPParallel> found{nullptr};
+  OpenMPParallel parallel = found.load(std::memory_order_acquire);
+#if defined(__linux__)
+  if (parallel == nullptr) {
+    dl_iterate_phdr(find_openmp_parallel, &parallel);
+    found.store(parallel, std::memory_order_release);
+  }
+#endif
+  return parallel;
+}
+
+// body(begin, end) over [0, total) in chunks of at least `grain` units (a multiple of
+// `alignment`), on up to num_threads threads including the calling one: torch's OpenMP team
+// when there is one (see loaded_openmp), otherwise detached helper threads (see ChunkQueue).
 template <class Body>
 void parallel_for(int64_t total, int64_t grain, int64_t alignment, int num_threads, const Body& body) {
   if (total <= 0) return;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads, total / std::max<int64_t>(grain, 1)));
-  if (workers == 1) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, total / std::max<int64_t>(grain, 1)));
+  if (threads == 1) {
     body(0, total);
     return;
   }
-  int64_t share = (total + workers - 1) / workers;
-  share = (share + alignment - 1) / alignment * alignment;
-  std::vector<std::thread> threads;
-  threads.reserve(workers - 1);
-  int64_t begin = share;
-  for (; begin < total; begin += share) {
-    const int64_t end = std::min(total, begin + share);
+  int64_t chunk = std::max(grain, (total + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+  chunk = (chunk + alignment - 1) / alignment * alignment;
+  const auto run = [](const void* f, int64_t begin, int64_t end) { (*static_cast<const Body*>(f))(begin, end); };
+  const auto queue = std::make_shared<ChunkQueue>(total, chunk, &body, run);
+  const OpenMPParallel openmp = share_openmp_threads().load(std::memory_order_relaxed) ? loaded_openmp() : nullptr;
+  if (openmp != nullptr) {
+    openmp([](void* q) { static_cast<ChunkQueue*>(q)->work(); }, queue.get(), static_cast<unsigned>(threads), 0);
+    return;  // GOMP_parallel returns after its team's closing barrier: every chunk is done
+  }
+  for (int64_t helper = 1; helper < threads; ++helper) {
     try {
-      threads.emplace_back([&body, begin, end] { body(begin, end); });
-    } catch (const std::system_error&) {  // no thread to be had: this one does the rest
-      body(begin, total);
+      std::thread([queue] { queue->work(); }).detach();
+    } catch (const std::system_error&) {  // no thread to be had: the others do the work
       break;
     }
   }
-  body(0, std::min(total, share));
-  for (auto& thread : threads) thread.join();
+  queue->work();
+  queue->wait();
 }
 
 }  // namespace
 
 void mr_step(const MrStepArgs& args, int num_threads) {
   const bool draws_noise = args.noise_coef != nullptr && args.noise == nullptr;
-  parallel_for(args.batch * args.per_sample, draws_noise ? kGrainWithNoise : kGrainMemoryBound, kShareAlignment, num_threads,
+  parallel_for(args.batch * args.per_sample, draws_noise ? kGrainWithNoise : kGrainMemoryBound, kChunkAlignment, num_threads,
                [&](int64_t begin, int64_t end) { kernels().mr_step(args, begin, end); });
 }
 
 void noise_inject(const NoiseInjectArgs& args, int num_threads) {
   const bool draws_noise = args.noise_x.data == nullptr;
-  parallel_for(args.batch * (args.x_numel + args.y_numel), draws_noise ? kGrainWithNoise : kGrainMemoryBound, kShareAlignment,
+  parallel_for(args.batch * (args.x_numel + args.y_numel), draws_noise ? kGrainWithNoise : kGrainMemoryBound, kChunkAlignment,
                num_threads, [&](int64_t begin, int64_t end) { kernels().noise_inject(args, begin, end); });
 }
 
@@ -94,7 +190,7 @@ void weighted_score_loss(const WeightedScoreLossArgs& args, int num_threads) {
 }
 
 void philox_normals(float* normals, int64_t numel, uint64_t seed, uint64_t offset, int num_threads) {
-  parallel_for(numel, kGrainWithNoise, kShareAlignment, num_threads,
+  parallel_for(numel, kGrainWithNoise, kChunkAlignment, num_threads,
                [&](int64_t begin, int64_t end) { kernels().philox_normals(normals, seed, offset, begin, end); });
 }
 
@@ -117,6 +213,17 @@ std::vector<std::string> instruction_sets() {
 }
 
 std::string instruction_set() { return kernels().name; }
+
+std::string thread_pool() {
+  return share_openmp_threads().load() && loaded_openmp() != nullptr ? "openmp" : "threads";
+}
+
+void use_thread_pool(const std::string& name) {
+  if (name != "openmp" && name != "threads") {
+    throw std::invalid_argument("thread pool: expected 'openmp' (the loaded OpenMP runtime's team, when there is one) or 'threads' (helper threads of our own), got '" + name + "'");
+  }
+  share_openmp_threads().store(name == "openmp");
+}
 
 void use_instruction_set(const std::string& name) {
   for (const Kernels* table : supported_kernels()) {

@@ -1,6 +1,6 @@
 // The CPU implementation of the fused ops, as called by the bindings: each op split over up to
-// num_threads threads (std::thread per call, started only when every thread gets a large enough
-// share, so torch's own pool is never oversubscribed for small tensors).
+// num_threads threads (torch's OpenMP team when it is loaded, else helper threads of our own),
+// and only when every thread gets a large enough share, so small tensors stay on one thread.
 #pragma once
 
 #include <cstdint>
@@ -25,5 +25,10 @@ std::vector<std::string> instruction_sets();
 // The one in use: the best one unless use_instruction_set chose another (tests compare them).
 std::string instruction_set();
 void use_instruction_set(const std::string& name);
+// "openmp" when the ops run on the team of the OpenMP runtime already loaded (torch's),
+// "threads" when they start helper threads of their own (no OpenMP loaded, or chosen).
+std::string thread_pool();
+// "openmp" (the default: used when loaded) or "threads" (for tests and benchmarks).
+void use_thread_pool(const std::string& name);
 
 }  // namespace msdiff::cpu

@@ -73,32 +73,82 @@ const void* advance_side(const void* base, bool side_is_float, int64_t elements)
 
 // ------------------------------------------------------------------------------- mr_step
 
+// Loops whose output may be one of their inputs at the same index (mr_step's out = x): no
+// iteration reads what another writes, so the compiler may vectorise without an overlap check
+// (which an exact alias would fail, falling back to scalar code).
+#if defined(__clang__)
+#define MSDIFF_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define MSDIFF_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#endif
+
+// out = c0 x + sum_k c_k term_k (+ cn z) over n elements in one pass, for kTerms known at
+// compile time (the common 1 to 3): each element loaded once and stored once.
+template <class T, int kTerms, bool kNoise>
+void combine_in_one_pass(T* out, const T* x, const void* const* terms, int64_t start, const float* row, const float* z, float cn,
+                         int64_t n) {
+  const T* term[kTerms];
+  float coef[kTerms];
+  for (int k = 0; k < kTerms; ++k) {
+    term[k] = static_cast<const T*>(terms[k]) + start;
+    coef[k] = row[k + 1];
+  }
+  const float c0 = row[0];
+  MSDIFF_INDEPENDENT_ITERATIONS
+  for (int64_t j = 0; j < n; ++j) {
+    float acc = scaled(c0, to_float(x[j]));
+    for (int k = 0; k < kTerms; ++k) acc = add_scaled(acc, coef[k], to_float(term[k][j]));
+    if constexpr (kNoise) acc = add_scaled(acc, cn, z[j]);
+    out[j] = from_float<T>(acc);
+  }
+}
+
+// Any term count: accumulate term by term in an L1 tile.
+template <class T>
+void combine_through_tile(T* out, const T* x, const void* const* terms, int num_terms, int64_t start, const float* row,
+                          const float* z, float cn, int64_t n) {
+  alignas(64) float acc[kTile];
+  const float c0 = row[0];
+  for (int64_t j = 0; j < n; ++j) acc[j] = scaled(c0, to_float(x[j]));
+  for (int k = 0; k < num_terms; ++k) {
+    const T* __restrict__ term = static_cast<const T*>(terms[k]) + start;
+    const float ck = row[k + 1];
+    for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], ck, to_float(term[j]));
+  }
+  if (z != nullptr) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], cn, z[j]);
+  }
+  // out may be x or a term: the whole tile has been read by now.
+  for (int64_t j = 0; j < n; ++j) out[j] = from_float<T>(acc[j]);
+}
+
+template <class T, bool kNoise>
+void combine(T* out, const T* x, const MrStepArgs& a, int64_t start, const float* row, const float* z, float cn, int64_t n) {
+  switch (a.num_terms) {
+    case 1: return combine_in_one_pass<T, 1, kNoise>(out, x, a.terms, start, row, z, cn, n);
+    case 2: return combine_in_one_pass<T, 2, kNoise>(out, x, a.terms, start, row, z, cn, n);
+    case 3: return combine_in_one_pass<T, 3, kNoise>(out, x, a.terms, start, row, z, cn, n);
+    default: return combine_through_tile(out, x, a.terms, a.num_terms, start, row, kNoise ? z : nullptr, cn, n);
+  }
+}
+
 template <class T>
 void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
   const PhiloxKey key = philox_key(a.seed);
-  alignas(64) float acc[kTile];
   alignas(64) float z[kTile];
   for (int64_t start = begin; start < end;) {
     const int64_t sample = start / a.per_sample;
     const int64_t stop = smaller(smaller(end, (sample + 1) * a.per_sample), start + kTile);
     const int64_t n = stop - start;
     const float* row = a.coefs + sample * (a.num_terms + 1);
-    const T* __restrict__ x = static_cast<const T*>(a.x) + start;
-    const float c0 = row[0];
-    for (int64_t j = 0; j < n; ++j) acc[j] = scaled(c0, to_float(x[j]));
-    for (int k = 0; k < a.num_terms; ++k) {
-      const T* __restrict__ term = static_cast<const T*>(a.terms[k]) + start;
-      const float ck = row[k + 1];
-      for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], ck, to_float(term[j]));
-    }
+    const T* x = static_cast<const T*>(a.x) + start;
+    T* out = static_cast<T*>(a.out) + start;
     if (a.noise_coef != nullptr) {
       fill_noise<T>(z, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
-      const float cn = a.noise_coef[sample];
-      for (int64_t j = 0; j < n; ++j) acc[j] = add_scaled(acc[j], cn, z[j]);
+      combine<T, true>(out, x, a, start, row, z, a.noise_coef[sample], n);
+    } else {
+      combine<T, false>(out, x, a, start, row, nullptr, 0.0f, n);
     }
-    // out may be x or a term: the whole tile has been read by now.
-    T* __restrict__ out = static_cast<T*>(a.out) + start;
-    for (int64_t j = 0; j < n; ++j) out[j] = from_float<T>(acc[j]);
     start = stop;
   }
 }

@@ -103,9 +103,14 @@ int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey
   for (; j + L::kWidth <= n; j += L::kWidth) {
     V c0 = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j)), L::lane_index()));
     V c1 = L::add_carry(high_start, c0, low_start);
-    V c2 = zero, c3 = zero;
-    for (int round = 0; round < 10; ++round) {
-      V high_a, low_a, high_b, low_b;
+    // Round 0 with c2 = c3 = 0, whose product with round_b is 0.
+    V high_a, low_a, high_b, low_b;
+    L::multiply_wide(c0, round_a, high_a, low_a);
+    c0 = L::xor3(zero, c1, keys[0][0]);
+    c1 = zero;
+    V c2 = L::xor3(high_a, zero, keys[1][0]);
+    V c3 = low_a;
+    for (int round = 1; round < 9; ++round) {
       L::multiply_wide(c2, round_b, high_b, low_b);
       L::multiply_wide(c0, round_a, high_a, low_a);
       c0 = L::xor3(high_b, c1, keys[0][round]);
@@ -113,8 +118,10 @@ int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey
       c2 = L::xor3(high_a, c3, keys[1][round]);
       c3 = low_a;
     }
-    L::store(w0 + j, c0);
-    L::store(w1 + j, c1);
+    // Round 9 for words 0 and 1 only: they need c2's product, not c0's.
+    L::multiply_wide(c2, round_b, high_b, low_b);
+    L::store(w0 + j, L::xor3(high_b, c1, keys[0][9]));
+    L::store(w1 + j, low_b);
   }
   return j;
 }

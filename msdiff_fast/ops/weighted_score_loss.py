@@ -54,10 +54,20 @@ def _(output, coefs, split, seed, offset, noise, target, backend):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    # Otherwise autograd fills an x-sized tensor of zeros for the gradient output's gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
+    # loss.sum().backward() sends ones: the forward's gradient is then the answer, and handing
+    # it over saves a pass over x-sized memory (autograd copies it if anything else still holds
+    # it). Checked on the CPU only (on a GPU the check would cost a device sync, the multiply
+    # not) and on plain tensors only (a traced graph cannot branch on data).
+    if type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and bool((grad_loss == 1).all()):
+        return grad, None, None, None, None, None, None, None
     scale = grad_loss.reshape(grad.shape[0], *([1] * (grad.ndim - 1)))
     return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None
 
