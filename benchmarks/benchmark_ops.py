@@ -21,12 +21,22 @@ time per call (torch.profiler; host overhead excluded) and, from it, the bandwid
 each op must move (inputs read once, outputs written once) as a fraction of a device-to-device
 copy of max(8M, numel) float32 elements timed the same way.
 
+CPU memory: torch's CPU allocator takes every tensor from glibc malloc, which serves tensors this
+large from fresh pages of the kernel (mmap) or from a heap it trims back, as its own history
+decides; fresh pages cost a page fault each (about 1 ms per 5 MB here). The eager formula
+allocates several temporaries per call, so its time swings between runs by up to 10x with that
+history. `--malloc retained` re-runs the script with glibc told to keep freed memory
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_): no page faults after the
+warm-up, eager at its fastest, so its ratios are the conservative ones.
+
     python3 benchmarks/benchmark_ops.py                          # CPU, [16, 3, 160, 160] float32
+    python3 benchmarks/benchmark_ops.py --malloc retained        # CPU, no page faults in any provider
     python3 benchmarks/benchmark_ops.py --device cuda --shape 64,3,256,256
     python3 benchmarks/benchmark_ops.py --quick                  # fewer repeats
 
-Writes benchmarks/results/ops_<device>.csv and .md (ops_<device>_threads<N>.* with --threads;
-overwritten) with the device name, torch version, date, load average and command line.
+Writes benchmarks/results/ops_<device>.csv and .md (ops_<device>_threads<N>.* with --threads,
+ops_cpu_retained.* with --malloc retained; overwritten) with the device name, torch version, date,
+load average and command line.
 """
 
 import argparse
@@ -256,8 +266,12 @@ def device_name(device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    kernels = f", msdiff_fast._C kernels: {compiled._C.instruction_set()}" if compiled._C is not None else ""
+    kernels = f", msdiff_fast._C kernels: {compiled._C.instruction_set()} on {compiled._C.thread_pool()} threads" if compiled._C is not None else ""
     return f"{model} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}{kernels})"
+
+
+# glibc: serve every allocation below 1 GiB from the heap, never trim it, grow it 256 MiB at a time.
+RETAINED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32), "MALLOC_TOP_PAD_": str(2**28)}
 
 
 def write_results(rows, args, device, copy_bytes_per_s):
@@ -268,13 +282,15 @@ def write_results(rows, args, device, copy_bytes_per_s):
         shape="x".join(map(str, args.shape)), dtype=args.dtype,
         load_average=" ".join(f"{v:.2f}" for v in os.getloadavg()), command=" ".join(sys.argv),
     )
+    if device == "cpu":
+        context["malloc"] = "retained (" + " ".join(f"{k}={v}" for k, v in RETAINED_MALLOC.items()) + ")" if args.malloc == "retained" else "glibc defaults"
     if copy_bytes_per_s:
         context["copy_gbps"] = f"{copy_bytes_per_s / 1e9:.1f}"
         for row in rows:
             if "gbps" in row:
                 row["bandwidth_fraction"] = row["gbps"] * 1e9 / copy_bytes_per_s
     columns = ["op", "provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "peak_mib", "kernel_ms", "gbps", "bandwidth_fraction", "note"]
-    stem = f"ops_{device}" + (f"_threads{args.threads}" if args.threads is not None else "")
+    stem = f"ops_{device}" + (f"_threads{args.threads}" if args.threads is not None else "") + ("_retained" if args.malloc == "retained" else "")
     csv_path = results / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(context) + columns)
@@ -313,7 +329,14 @@ def main():
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    parser.add_argument("--malloc", choices=("default", "retained"), default="default",
+                        help="CPU: 'retained' re-runs with glibc keeping freed memory (no page faults; see above)")
     args = parser.parse_args()
+    if args.malloc == "retained":
+        if args.device != "cpu":
+            parser.error("--malloc retained: only for --device cpu (CUDA tensors come from torch's caching allocator)")
+        if any(os.environ.get(k) != v for k, v in RETAINED_MALLOC.items()):  # glibc reads these at start-up only
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINED_MALLOC})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -387,7 +387,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds CUDA-graph capture)")
     parser.add_argument("--presets", nargs="+", default=["celeba_sr_x8_160", "tiny"])
-    parser.add_argument("--batch", type=int, default=None, help="images per batch (default 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="images per batch (default 1 on CPU, 16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row, best kept (default 2 on CPU, 5 on CUDA)")
     parser.add_argument("--max-measured-nfe", type=int, default=None, help="longer runs are extrapolated (default 20 on CPU, 2000 on CUDA)")
     parser.add_argument("--analytic-samples", type=int, default=4096)
@@ -400,7 +400,7 @@ def parse_args():
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device: expected cpu or cuda, got {args.device}")
     on_gpu = device.type == "cuda"
-    args.batch = args.batch or (8 if on_gpu else 1)
+    args.batch = args.batch or (16 if on_gpu else 1)
     args.repeats = args.repeats or (5 if on_gpu else 2)
     args.max_measured_nfe = args.max_measured_nfe or (2000 if on_gpu else 20)
     if args.quick:

@@ -12,7 +12,9 @@ normalisation the per-sample loss is
 
     w_x ||NN_x + z_x||^2 + w_y ||NN_y + z_y||^2,   w = g(t)^2 / sigma(t)^2 / (D_x + D_y),
 
-a constant 2 ln(sigma_max / sigma_min) / (D_x + D_y) for a geometric VE SDE. CDE has no y term
+a constant 2 ln(sigma_max / sigma_min) / (D_x + D_y) for a geometric VE SDE. With ``sigma_data``
+the x part is preconditioned as in EDM (Karras et al. 2022) instead; see ``_ConditionalEstimator``.
+CDE has no y term
 and normalises by D_x (see ``CDE``). Randomness: from ``generator`` each ``loss`` call draws, in
 this order, u = torch.rand(global_batch, dtype=float64) (t = t_eps + (T - t_eps) u, one t per
 sample shared by x and y) and the Philox seed int(torch.randint(0, 2**62, (1,))). Sample b's
@@ -176,24 +178,73 @@ class Estimator:
 
 
 class _ConditionalEstimator(Estimator):
-    """Shared code of CDE (clean y) and the multi-speed estimators (y diffuses with sde.y)."""
+    """Shared code of CDE (clean y) and the multi-speed estimators (y diffuses with sde.y).
+
+    sigma_data (None: off): EDM preconditioning of the x part. In the scaled variable
+    x~ = x_t / alpha = x0 + s z (s = sigma / alpha) the network sees c_in x~ and its x output F
+    gives the clean-image estimate D = c_skip x~ + c_out F, hence the noise estimate (x~ - D) / s,
+    with c_in = 1 / n, c_skip = sigma_data^2 / n^2, c_out = s sigma_data / n, n^2 = s^2 + sigma_data^2.
+    The loss is the same maximum-likelihood score loss, written in F: since (x~ - D) / s - z =
+    -(sigma_data / n)(F - k z - c x0) with k = -sigma_data / n and c = s / (sigma_data n), the x
+    weight becomes w_x sigma_data^2 / n^2 and x0 the target. Why: plain noise prediction turns
+    an error e of the network into an error s e of the clean image, so at the large s of a VE SDE
+    (sqrt(D_x)) the colours and coarse layout need a precision that takes very long to train; here
+    F predicts the image itself at large s and the noise at small s, each at unit scale.
+    """
 
     diffuses_y = True
     default_mode = "fresh"
+
+    def __init__(self, sde, x_shape, y_shape, t_eps, sigma_data: Optional[float] = None):
+        super().__init__(sde, x_shape, y_shape, t_eps)
+        self.sigma_data = None if sigma_data is None else _check_positive(sigma_data, "sigma_data")
 
     def model_output_channels(self, image_channels=None, cond_channels=None) -> int:
         image_channels, cond_channels = self._channels(image_channels, cond_channels)
         return image_channels + (cond_channels if self.diffuses_y else 0)
 
+    def state_dict(self) -> Dict:
+        return {"name": self.name, "sigma_data": self.sigma_data}
+
+    def load_state_dict(self, state: Dict) -> None:
+        super().load_state_dict(state)
+        sigma_data = state.get("sigma_data")  # absent from checkpoints written before it existed
+        self.sigma_data = None if sigma_data is None else _check_positive(sigma_data, "state['sigma_data']")
+
+    def preconditioning(self, t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """EDM's factors for x at times t [B] (float64): alpha, s = sigma / alpha, c_in (applied to
+        x_t itself, so it includes 1 / alpha), c_skip, c_out, and the loss's k, c and weight factor."""
+        if self.sigma_data is None:
+            raise ValueError("preconditioning: this estimator was built without sigma_data (plain noise prediction)")
+        t = t.to(torch.float64)
+        alpha = self.sde.x.alpha(t)
+        s = self.sde.x.sigma(t) / alpha
+        data = self.sigma_data
+        norm = torch.sqrt(s * s + data * data)
+        return {
+            "alpha": alpha, "s": s, "c_in": 1.0 / (alpha * norm), "c_skip": data * data / (norm * norm), "c_out": s * data / norm,
+            "k": -data / norm, "c": s / (data * norm), "weight": (data / norm) ** 2,
+        }
+
+    def network_input_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """[B] float64 factor the network input's x part carries (1 without preconditioning)."""
+        return torch.ones_like(t, dtype=torch.float64) if self.sigma_data is None else self.preconditioning(t)["c_in"]
+
     def loss_coefficients(self, t: torch.Tensor, x_dim: int, y_dim: int) -> torch.Tensor:
-        """[B, S, 3] float64 (weight w, noise scale k = -1, target scale 0) per segment (x[, y])."""
+        """[B, S, 3] float64 (weight w, noise scale k, target scale c) per segment (x[, y]):
+        k = -1, c = 0 (noise prediction), except for a preconditioned x (see the class)."""
         x_sde = self.sde.x
         normaliser = x_dim + (y_dim if self.diffuses_y else 0)
-        segments = [x_sde.g2(t) / x_sde.sigma(t) ** 2 / normaliser]
+        x_weight = x_sde.g2(t) / x_sde.sigma(t) ** 2 / normaliser
+        x_segment = [x_weight, -torch.ones_like(x_weight), torch.zeros_like(x_weight)]
+        if self.sigma_data is not None:
+            factors = self.preconditioning(t)
+            x_segment = [x_weight * factors["weight"], factors["k"], factors["c"]]
+        segments = [torch.stack(x_segment, dim=1)]
         if self.diffuses_y:
-            segments.append(self.sde.y.g2(t) / self.sde.y.sigma(t) ** 2 / normaliser)
-        weights = torch.stack(segments, dim=1)
-        return torch.stack([weights, -torch.ones_like(weights), torch.zeros_like(weights)], dim=2)
+            y_weight = self.sde.y.g2(t) / self.sde.y.sigma(t) ** 2 / normaliser
+            segments.append(torch.stack([y_weight, -torch.ones_like(y_weight), torch.zeros_like(y_weight)], dim=1))
+        return torch.stack(segments, dim=1)
 
     def loss(
         self,
@@ -219,7 +270,8 @@ class _ConditionalEstimator(Estimator):
         x_dim, y_dim = x0[0].numel(), y0[0].numel()
         t, seed = self._draw(generator, batch, offset_samples, global_batch, x0.device)
         coef_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        x_coefs = torch.stack([self.sde.x.alpha(t), self.sde.x.sigma(t)], dim=1).to(coef_dtype)
+        input_scale = self.network_input_scale(t)
+        x_coefs = torch.stack([input_scale * self.sde.x.alpha(t), input_scale * self.sde.x.sigma(t)], dim=1).to(coef_dtype)
         y_coefs = torch.stack([self.sde.y.alpha(t), self.sde.y.sigma(t)], dim=1).to(coef_dtype) if self.diffuses_y else None
         offset = offset_samples * (x_dim + (y_dim if self.diffuses_y else 0))
         network_input = torch.empty((batch, x_channels + y0.shape[1], *x0.shape[2:]), dtype=x0.dtype, device=x0.device)
@@ -228,7 +280,10 @@ class _ConditionalEstimator(Estimator):
         channels = self.model_output_channels(x_channels, y0.shape[1])
         _check_output(output, (batch, channels, *x0.shape[2:]), self._output_description(x_channels, y0.shape[1]))
         coefs = self.loss_coefficients(t, x_dim, y_dim).to(coef_dtype)
-        per_sample = weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset)
+        target = None
+        if self.sigma_data is not None:  # x0 in the x part; the y part's target scale is 0
+            target = x0.contiguous() if not self.diffuses_y else torch.cat([x0, torch.zeros_like(output[:, x_channels:])], dim=1)
+        per_sample = weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, target=target)
         return per_sample.mean()
 
     def _output_description(self, x_channels: int, y_channels: int) -> str:
@@ -260,10 +315,19 @@ class _ConditionalEstimator(Estimator):
         y_channels = y.shape[1]
 
         def noise_prediction(x_t: torch.Tensor, t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
-            output = model(torch.cat([x_t, y_t.to(x_t.dtype)], dim=1), t)
+            factors = None
+            if self.sigma_data is not None:
+                times = t.expand(x_t.shape[0]) if torch.is_tensor(t) else torch.full((x_t.shape[0],), float(t))
+                factors = {k: v.to(x_t.device, x_t.dtype).reshape(-1, 1, 1, 1) for k, v in self.preconditioning(times.to(x_t.device)).items()}
+            x_input = x_t if factors is None else factors["c_in"] * x_t
+            output = model(torch.cat([x_input, y_t.to(x_t.dtype)], dim=1), t)
             channels = self.model_output_channels(x_t.shape[1], y_channels)
             _check_output(output, (x_t.shape[0], channels, *x_t.shape[2:]), self._output_description(x_t.shape[1], y_channels))
-            return -output[:, : x_t.shape[1]]
+            if factors is None:
+                return -output[:, : x_t.shape[1]]
+            scaled = x_t / factors["alpha"]
+            denoised = factors["c_skip"] * scaled + factors["c_out"] * output[:, : x_t.shape[1]]
+            return (scaled - denoised) / factors["s"]
 
         return conditioned_model(noise_prediction, self.sde, y, mode, generator, times)
 
@@ -280,17 +344,17 @@ class CDE(_ConditionalEstimator):
     diffuses_y = False
     default_mode = "clean"
 
-    def __init__(self, x_sde: LinearSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None):
-        super().__init__(CleanConditionSDE(x_sde), x_shape, y_shape, t_eps)
+    def __init__(self, x_sde: LinearSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
+        super().__init__(CleanConditionSDE(x_sde), x_shape, y_shape, t_eps, sigma_data)
 
     @classmethod
-    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, schedule: str = "geometric", t_eps: Optional[float] = None) -> "CDE":
-        """The paper's VE settings: sigma_min 5e-3, sigma_max_x = sqrt(D_x)."""
+    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, schedule: str = "geometric", t_eps: Optional[float] = None, sigma_data: Optional[float] = None) -> "CDE":
+        """The paper's VE settings: sigma_min 5e-3, sigma_max_x = sqrt(D_x); sigma_data: see _ConditionalEstimator."""
         x_shape = _check_shape(x_shape, "x_shape")
-        return cls(VESDE(sigma_min, _default_sigma_max(x_shape, sigma_max_x), schedule), x_shape, y_shape, t_eps)
+        return cls(VESDE(sigma_min, _default_sigma_max(x_shape, sigma_max_x), schedule), x_shape, y_shape, t_eps, sigma_data)
 
     def state_dict(self) -> Dict:
-        return {"name": self.name, "x_sde": _sde_state(self.sde.x)}
+        return {**super().state_dict(), "x_sde": _sde_state(self.sde.x)}
 
     def load_state_dict(self, state: Dict) -> None:
         super().load_state_dict(state)
@@ -306,21 +370,22 @@ class CMDE(_ConditionalEstimator):
 
     name = "cmde"
 
-    def __init__(self, sde: MultiSpeedSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None):
+    def __init__(self, sde: MultiSpeedSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
         if not isinstance(sde, MultiSpeedSDE) or isinstance(sde, CleanConditionSDE):
             raise TypeError(f"sde: expected a MultiSpeedSDE(x_sde, y_sde), got {type(sde).__name__}")
-        super().__init__(sde, x_shape, y_shape, t_eps)
+        super().__init__(sde, x_shape, y_shape, t_eps, sigma_data)
 
     @classmethod
-    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, sigma_y_max: float = 0.5, schedule: str = "geometric", t_eps: Optional[float] = None) -> "CMDE":
+    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, sigma_y_max: float = 0.5, schedule: str = "geometric", t_eps: Optional[float] = None, sigma_data: Optional[float] = None) -> "CMDE":
         """VE(sigma_min, sqrt(D_x)) for x and VE(sigma_min, sigma_y_max) for y; the paper uses
-        sigma_y_max 0.5 for super-resolution and 1 for inpainting and edges."""
+        sigma_y_max 0.5 for super-resolution and 1 for inpainting and edges. sigma_data: see
+        _ConditionalEstimator."""
         x_shape = _check_shape(x_shape, "x_shape")
         x_sde = VESDE(sigma_min, _default_sigma_max(x_shape, sigma_max_x), schedule)
-        return cls(MultiSpeedSDE(x_sde, _y_sde(sigma_min, sigma_y_max, schedule)), x_shape, y_shape, t_eps)
+        return cls(MultiSpeedSDE(x_sde, _y_sde(sigma_min, sigma_y_max, schedule)), x_shape, y_shape, t_eps, sigma_data)
 
     def state_dict(self) -> Dict:
-        return {"name": self.name, "x_sde": _sde_state(self.sde.x), "y_sde": _sde_state(self.sde.y)}
+        return {**super().state_dict(), "x_sde": _sde_state(self.sde.x), "y_sde": _sde_state(self.sde.y)}
 
     def load_state_dict(self, state: Dict) -> None:
         super().load_state_dict(state)
@@ -333,10 +398,10 @@ class CDiffE(CMDE):
     name = "cdiffe"
 
     @classmethod
-    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, schedule: str = "geometric", t_eps: Optional[float] = None) -> "CDiffE":
+    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, schedule: str = "geometric", t_eps: Optional[float] = None, sigma_data: Optional[float] = None) -> "CDiffE":
         x_shape = _check_shape(x_shape, "x_shape")
         x_sde = VESDE(sigma_min, _default_sigma_max(x_shape, sigma_max_x), schedule)
-        return cls(MultiSpeedSDE(x_sde, x_sde), x_shape, y_shape, t_eps)
+        return cls(MultiSpeedSDE(x_sde, x_sde), x_shape, y_shape, t_eps, sigma_data)
 
 
 class VSCMDE(CMDE):
@@ -349,22 +414,22 @@ class VSCMDE(CMDE):
 
     name = "vscmde"
 
-    def __init__(self, x_sde: VESDE, sigma_y_start: float, sigma_y_target: float = 0.5, target_step: int = 250_000, clamp: bool = True, x_shape=None, y_shape=None, t_eps: Optional[float] = None):
+    def __init__(self, x_sde: VESDE, sigma_y_start: float, sigma_y_target: float = 0.5, target_step: int = 250_000, clamp: bool = True, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
         if not isinstance(x_sde, VESDE):
             raise TypeError(f"x_sde: expected a VESDE, got {type(x_sde).__name__}")
         vs_sigma_y_max(0, sigma_y_start, sigma_y_target, target_step, clamp)
         self.sigma_y_start, self.sigma_y_target = float(sigma_y_start), float(sigma_y_target)
         self.target_step, self.clamp, self.step = target_step, clamp, 0
         self.sigma_y_max = self.sigma_y_start
-        super().__init__(MultiSpeedSDE(x_sde, _y_sde(x_sde.sigma_min, self.sigma_y_max, x_sde.schedule)), x_shape, y_shape, t_eps)
+        super().__init__(MultiSpeedSDE(x_sde, _y_sde(x_sde.sigma_min, self.sigma_y_max, x_sde.schedule)), x_shape, y_shape, t_eps, sigma_data)
 
     @classmethod
-    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, sigma_y_start: Optional[float] = None, sigma_y_target: float = 0.5, target_step: int = 250_000, clamp: bool = True, schedule: str = "geometric", t_eps: Optional[float] = None) -> "VSCMDE":
+    def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], *, sigma_min: float = SIGMA_MIN, sigma_max_x: Optional[float] = None, sigma_y_start: Optional[float] = None, sigma_y_target: float = 0.5, target_step: int = 250_000, clamp: bool = True, schedule: str = "geometric", t_eps: Optional[float] = None, sigma_data: Optional[float] = None) -> "VSCMDE":
         """sigma_y_max from sqrt(D_y) to 0.5 at step 250k (SR); the paper uses 1 at 500k (inpainting), 1 at 300k (edges)."""
         x_shape, y_shape = _check_shape(x_shape, "x_shape"), _check_shape(y_shape, "y_shape")
         start = math.sqrt(math.prod(y_shape)) if sigma_y_start is None else sigma_y_start
         x_sde = VESDE(sigma_min, _default_sigma_max(x_shape, sigma_max_x), schedule)
-        return cls(x_sde, start, sigma_y_target, target_step, clamp, x_shape, y_shape, t_eps)
+        return cls(x_sde, start, sigma_y_target, target_step, clamp, x_shape, y_shape, t_eps, sigma_data)
 
     def on_step(self, step: int) -> None:
         _check_step(step, "step")

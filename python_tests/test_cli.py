@@ -283,6 +283,8 @@ def test_bad_flag_values_are_one_line(capsys):
     assert "--pc-nfe" in _single_error_line(code, capsys.readouterr())
     code = main(["train", "--out", "unused", "--sampler", "pc"])
     assert "unrecognized arguments" in _single_error_line(code, capsys.readouterr())
+    code = main(["train", "--out", "unused", "--estimator", "mr", "--sigma-data", "0.5"])
+    assert "--sigma-data: preconditions the VE estimators" in _single_error_line(code, capsys.readouterr())
 
 
 def test_errors_from_a_subprocess_have_no_traceback(tmp_path):

@@ -147,6 +147,66 @@ def test_conditional_loss_and_gradient_match_plain_formula(name, dtype, rtol, de
         assert_close_relative(got, want, rtol, f"{name} gradient of {param_name}")
 
 
+def edm_noise_estimate(model, x_t, y_t, t, sigma, sigma_data):
+    """EDM preconditioning written out for a VE x (alpha = 1): the noise estimate (x_t - D) / sigma."""
+    per_sample = (-1,) + (1,) * (x_t.ndim - 1)
+    sigma = sigma.reshape(per_sample)
+    norm2 = sigma**2 + sigma_data**2
+    c_in, c_skip, c_out = 1 / torch.sqrt(norm2), sigma_data**2 / norm2, sigma * sigma_data / torch.sqrt(norm2)
+    output = model(torch.cat([c_in * x_t, y_t], dim=1), t)
+    denoised = c_skip * x_t + c_out * output[:, : x_t.shape[1]]
+    return (x_t - denoised) / sigma, output
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CONDITIONAL)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-6), (torch.float32, 2e-5)])
+def test_preconditioned_loss_is_the_same_score_loss_in_the_edm_parameterisation(name, dtype, rtol, device):
+    """With sigma_data the loss is still weight_x ||z - eps_hat||^2 (+ the y term), eps_hat now
+    from the EDM denoiser; checked against that formula, loss and gradients."""
+    sigma_data = 0.5
+    est = make_estimator(name, X_SHAPE, Y_SHAPE, sigma_data=sigma_data)
+    model = make_model(est, dtype).to(device)
+    x0, y0 = images(X_SHAPE, dtype=dtype).to(device), images(Y_SHAPE, dtype=dtype, seed=2).to(device)
+    fused, fused_grads = loss_and_grads(model, est.loss(model, x0, y0, torch.Generator(device).manual_seed(7)))
+
+    batch, x_dim, y_dim = x0.shape[0], x0[0].numel(), y0[0].numel()
+    clean = name == "cde"
+    t, z = reference_draw(torch.Generator(device).manual_seed(7), batch, x_dim if clean else x_dim + y_dim, 1e-5, 1.0, dtype)
+    z_x = z[:, :x_dim].reshape(x0.shape)
+    sigma_x = est.sde.x.sigma(t).to(dtype)
+    y_t = y0 if clean else y0 + est.sde.y.sigma(t).to(dtype).reshape(-1, 1, 1, 1) * z[:, x_dim:].reshape(y0.shape)
+    eps, output = edm_noise_estimate(model, x0 + sigma_x.reshape(-1, 1, 1, 1) * z_x, y_t, t.to(dtype), sigma_x, sigma_data)
+    per_sample = ve_weight(est.sde.x) * (z_x - eps).square().flatten(1).sum(1)
+    if clean:
+        plain = (per_sample / x_dim).mean()
+    else:
+        y_term = ve_weight(est.sde.y) * (output[:, 3:] + z[:, x_dim:].reshape(y0.shape)).square().flatten(1).sum(1)
+        plain = ((per_sample + y_term) / (x_dim + y_dim)).mean()
+    plain, plain_grads = loss_and_grads(model, plain)
+    assert_close_relative(fused, plain, rtol, f"{name} loss")
+    for (param_name, _), got, want in zip(model.named_parameters(), fused_grads, plain_grads):
+        assert_close_relative(got, want, rtol, f"{name} gradient of {param_name}")
+
+
+def test_preconditioned_sampling_model_is_the_edm_noise_estimate_and_round_trips():
+    est = CDE.for_images(X_SHAPE, Y_SHAPE, sigma_data=0.5)
+    model = make_model(est)
+    y, x_t = images(Y_SHAPE, seed=2), 7.0 * images(X_SHAPE, seed=5)
+    t = torch.tensor([0.1, 0.6, 1.0], dtype=torch.float64)
+    want, _ = edm_noise_estimate(model, x_t, y, t, est.sde.x.sigma(t), 0.5)
+    torch.testing.assert_close(est.sampling_model(model, y)(x_t, t, None), want)
+    loaded = CDE.for_images(X_SHAPE, Y_SHAPE)
+    loaded.load_state_dict(est.state_dict())
+    assert loaded.sigma_data == 0.5
+    torch.testing.assert_close(loaded.sampling_model(model, y)(x_t, t, None), want)
+    legacy = {k: v for k, v in CDE.for_images(X_SHAPE, Y_SHAPE).state_dict().items() if k != "sigma_data"}
+    loaded.load_state_dict(legacy)  # a checkpoint from before sigma_data: plain noise prediction
+    assert loaded.sigma_data is None
+    with pytest.raises(ValueError, match="sigma_data: expected a finite positive number, got -1"):
+        CMDE.for_images(X_SHAPE, Y_SHAPE, sigma_data=-1)
+
+
 def test_cmde_weights_are_the_paper_constants():
     est = CMDE.for_images((3, 160, 160), (3, 160, 160))
     coefs = est.loss_coefficients(torch.tensor([1e-5, 0.3, 1.0], dtype=torch.float64), 3 * 160 * 160, 3 * 160 * 160)
