@@ -179,7 +179,7 @@ def test_weighted_score_loss_matches_reference(backend, device, dtype, shape, sp
     assert_close_to_oracle(leaf.grad, (scale * g_same).to(dtype), scale.double() * g64, atol_for(dtype), "grad")
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("weighted_score_loss") if c[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("weighted_score_loss") if c.values[2] == torch.float32])
 def test_weighted_score_loss_backward_of_a_plain_sum_and_repeated_backward(backend, device, dtype):
     """loss.sum().backward() hands the forward's gradient over without rescaling it; a second
     backward through the retained graph must still add the same gradient again."""
