@@ -2,7 +2,8 @@
 
 Providers, measured in one run on the same model, batch and device:
   fused: CMDE.loss (ops.noise_inject writes cat(x_t, y_t) into one buffer; ops.weighted_score_loss
-         regenerates the noise and fuses the weighted loss with its gradient);
+         fuses the weighted loss with its gradient; the noise is regenerated from (seed, offset) on
+         a GPU and drawn once by the C++ kernels and read by both ops on a CPU);
   eager: plain PyTorch (torch.randn noise kept for the loss, torch.cat, the formula with autograd),
          python_tests/test_estimators.plain_conditional_loss, the tests' oracle.
 Networks: the "tiny" preset, the paper's celeba_sr_x8_160 U-Net with the CMDE head (43.5M
@@ -181,7 +182,8 @@ def write_results(rows, device: str, threads: int, command: str, load_at_start: 
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += [
         "",
-        "fused: CMDE.loss (noise_inject into the cat buffer + weighted_score_loss, noise regenerated);",
+        "fused: CMDE.loss (noise_inject into the cat buffer + weighted_score_loss; noise regenerated on a GPU,",
+        "drawn once by the C++ kernels and read by both ops on a CPU);",
         "eager: torch.randn noise, torch.cat, the explicit formula with autograd. loss-only: a one-parameter",
         "model, so the row measures the loss itself. Median of the timed steps after warm-up.",
         "",

@@ -3,7 +3,8 @@
 Every estimator turns a clean pair (x0, y0) into one training loss in two fused passes:
 ``ops.noise_inject`` writes the network input cat(x_t, y_t) straight into one buffer, and
 ``ops.weighted_score_loss`` regenerates the same noise from (seed, offset) to form the weighted
-loss and its gradient, so the noise is never stored. The math is ../shared/reference/cmde.md
+loss and its gradient, so the noise is never stored. On the CPU the noise is drawn once instead
+and both ops read it (``stored_noise``): the same values, bit for bit. The math is ../shared/reference/cmde.md
 sections 1-2 and mr_sampler.md sections 1-2.
 
 Score parameterisation s = NN / sigma per component, so the network predicts -z for x (and y);
@@ -29,7 +30,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import noise_inject, weighted_score_loss
+from .ops import compiled, noise_inject, weighted_score_loss
 from .sde import LinearSDE, MRSDE, MultiSpeedSDE, VESDE
 from .samplers import conditioned_model
 
@@ -50,6 +51,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SIGMA_MIN = 5e-3
 VE_T_EPS = 1e-5
 Shape = Tuple[int, int, int]
+
+
+def stored_noise(seed: int, offset: int, like: torch.Tensor, shape: Sequence[int]) -> Optional[torch.Tensor]:
+    """The stream's noise for a batch, drawn once, where reading it back beats regenerating it.
+
+    That is on the CPU: two cores spend longer on Philox and Box-Muller than on the memory traffic
+    a second draw saves (benchmarks/results/training_step_cpu.md); on a GPU the arithmetic is the
+    cheap side and the ops regenerate (None). float64 stays on the reference path (None), which
+    draws its noise in float64.
+    """
+    if like.device.type != "cpu" or like.dtype == torch.float64:
+        return None
+    noise = compiled.stream_normals(seed, offset, math.prod(shape), like.device)
+    return None if noise is None else noise.view(*shape)
 
 
 def vs_sigma_y_max(step: int, start: float, target: float, target_step: int, clamp: bool = True) -> float:
@@ -275,7 +290,9 @@ class _ConditionalEstimator(Estimator):
         y_coefs = torch.stack([self.sde.y.alpha(t), self.sde.y.sigma(t)], dim=1).to(coef_dtype) if self.diffuses_y else None
         offset = offset_samples * (x_dim + (y_dim if self.diffuses_y else 0))
         network_input = torch.empty((batch, x_channels + y0.shape[1], *x0.shape[2:]), dtype=x0.dtype, device=x0.device)
-        noise_inject(x0.contiguous(), x_coefs, y0.contiguous(), y_coefs, seed=seed, offset=offset, out=network_input)
+        noise = stored_noise(seed, offset, x0, network_input.shape if self.diffuses_y else x0.shape)
+        inject_noise = None if noise is None else (noise[:, :x_channels], noise[:, x_channels:] if self.diffuses_y else None)
+        noise_inject(x0.contiguous(), x_coefs, y0.contiguous(), y_coefs, seed=seed, offset=offset, noise=inject_noise, out=network_input)
         output = model(network_input, t.to(coef_dtype))
         channels = self.model_output_channels(x_channels, y0.shape[1])
         _check_output(output, (batch, channels, *x0.shape[2:]), self._output_description(x_channels, y0.shape[1]))
@@ -283,7 +300,7 @@ class _ConditionalEstimator(Estimator):
         target = None
         if self.sigma_data is not None:  # x0 in the x part; the y part's target scale is 0
             target = x0.contiguous() if not self.diffuses_y else torch.cat([x0, torch.zeros_like(output[:, x_channels:])], dim=1)
-        per_sample = weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, target=target)
+        per_sample = weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, noise=noise, target=target)
         return per_sample.mean()
 
     def _output_description(self, x_channels: int, y_channels: int) -> str:
@@ -543,12 +560,13 @@ class MeanReverting(Estimator):
         data_minus_mu = x0 - y0
         x_coefs = torch.stack([self.sde.alpha(t), self.sde.sigma(t)], dim=1).to(coef_dtype)
         network_input = torch.empty((batch, 2 * x0.shape[1], *x0.shape[2:]), dtype=x0.dtype, device=x0.device)
-        noise_inject(data_minus_mu, x_coefs, y0.contiguous(), None, seed=seed, offset=offset, out=network_input)
+        noise = stored_noise(seed, offset, x0, x0.shape)
+        noise_inject(data_minus_mu, x_coefs, y0.contiguous(), None, seed=seed, offset=offset, noise=None if noise is None else (noise, None), out=network_input)
         output = model(network_input, t.to(coef_dtype))
         _check_output(output, tuple(x0.shape), f"{x0.shape[1]} channels like x, unet_preset(..., estimator='mr')")
         target = {"noise": None, "data": x0, "velocity": data_minus_mu}[self.model_output]
         coefs = self.loss_coefficients(t, dim).to(coef_dtype)
-        return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, target=None if target is None else target.contiguous()).mean()
+        return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, noise=noise, target=None if target is None else target.contiguous()).mean()
 
     def sampling_model(self, model: Callable, y: Optional[torch.Tensor] = None, mode: Optional[str] = None, generator: Optional[torch.Generator] = None, times: Optional[torch.Tensor] = None) -> Callable:
         """model(x_t, t, mu) -> the ``model_output`` kind; mu is the sampler's condition (or ``y``).

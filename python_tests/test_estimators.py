@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from msdiff_fast import MRSampler, pc_sample
+from msdiff_fast import estimators as estimators_module
 from msdiff_fast.estimators import CDE, CMDE, ESTIMATORS, VSCMDE, CDiffE, MeanReverting, make_estimator, vs_sigma_y_max
 from msdiff_fast.models import unet_preset
 from msdiff_fast.ops import philox_normal
@@ -205,6 +206,27 @@ def test_preconditioned_sampling_model_is_the_edm_noise_estimate_and_round_trips
     assert loaded.sigma_data is None
     with pytest.raises(ValueError, match="sigma_data: expected a finite positive number, got -1"):
         CMDE.for_images(X_SHAPE, Y_SHAPE, sigma_data=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CONDITIONAL + ("mr",))
+def test_cpu_stored_noise_gives_the_regenerated_loss_bit_for_bit(name, dtype, monkeypatch):
+    """On the CPU the estimators draw the noise once and both ops read it: the same values as
+    when each op regenerates it from (seed, offset), so the same loss and gradients exactly."""
+    est = MeanReverting(MRSDE(10 / 255), "velocity", X_SHAPE) if name == "mr" else make_estimator(name, X_SHAPE, Y_SHAPE, sigma_data=0.5)
+    y_shape = X_SHAPE if name == "mr" else Y_SHAPE
+    model = make_model(est, torch.float32).to(dtype)
+    x0, y0 = images(X_SHAPE, dtype=dtype), images(y_shape, dtype=dtype, seed=2)
+    drawn = []
+    real = estimators_module.stored_noise
+    monkeypatch.setattr(estimators_module, "stored_noise", lambda *args: drawn.append(real(*args)) or drawn[-1])
+    stored, stored_grads = loss_and_grads(model, est.loss(model, x0, y0, torch.Generator().manual_seed(3)))
+    assert drawn and drawn[0] is not None
+    monkeypatch.setattr(estimators_module, "stored_noise", lambda *args: None)
+    regenerated, regenerated_grads = loss_and_grads(model, est.loss(model, x0, y0, torch.Generator().manual_seed(3)))
+    assert torch.equal(stored, regenerated)
+    for got, want in zip(stored_grads, regenerated_grads):
+        assert torch.equal(got, want)
 
 
 def test_cmde_weights_are_the_paper_constants():
