@@ -120,7 +120,8 @@ class IRSDESampler:
 
     max_sigma, T, eps, schedule: the checkpoint's ``sde`` options (max_sigma >= 1 is on the 0-255
     scale); convention "irsde" is the schedule IR-SDE / DA-CLIP train with (thetabar_0 = 0), "mrs"
-    the one the official MR Sampler code samples with (shifted by theta_0). steps, solver, order,
+    the one the official MR Sampler code samples with (shifted by theta_0); interpolation between
+    grid points "linear" (the MR Sampler code's) or "exact" (see DiscreteMRSDE). steps, solver, order,
     prediction, timesteps and ``options`` go to ``MRSampler``; model_output is what the network
     predicts ("noise" for IR-SDE / DA-CLIP). network_signature, integer_time: see ``irsde_model``.
 
@@ -138,6 +139,7 @@ class IRSDESampler:
         eps: float = 0.005,
         schedule: str = "cosine",
         convention: str = "irsde",
+        interpolation: str = "linear",
         steps: int = 10,
         solver: str = "sde",
         order: int = 2,
@@ -152,7 +154,7 @@ class IRSDESampler:
             raise ValueError(f"network_signature: expected one of {NETWORK_SIGNATURES}, got {network_signature!r}")
         if not isinstance(integer_time, bool):
             raise TypeError(f"integer_time: expected a bool, got {type(integer_time).__name__}")
-        self.sde = MRSDE.from_irsde(max_sigma, T, schedule, eps, convention)
+        self.sde = MRSDE.from_irsde(max_sigma, T, schedule, eps, convention, interpolation)
         self.sampler = MRSampler(self.sde, steps, solver=solver, order=order, prediction=prediction, model_output=model_output, timesteps=timesteps, **options)
         self.network_signature, self.integer_time = network_signature, integer_time
 

@@ -326,29 +326,37 @@ class MRSDE(LinearSDE):
         return self.t_of_thetabar(thetabar)
 
     @staticmethod
-    def from_irsde(max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde") -> "DiscreteMRSDE":
+    def from_irsde(max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear") -> "DiscreteMRSDE":
         """The exact schedule of an IR-SDE / DA-CLIP checkpoint (time in grid units 0..T).
 
         max_sigma >= 1 is read on the 0-255 scale (50 means 50/255), as IR-SDE does. convention
         "irsde" is the training code's (thetabar_0 = 0: alpha_0 = 1, sigma_0 = 0), "mrs" the
-        official MR Sampler code's (thetabar includes theta_0, so lam_0 is finite).
+        official MR Sampler code's (thetabar includes theta_0, so lam_0 is finite). interpolation
+        between grid points: "linear" (alpha, sigma and lam each, as the MR Sampler code) or
+        "exact" (the SDE with theta constant on each cell solved exactly), see DiscreteMRSDE.
         """
-        return DiscreteMRSDE(max_sigma, T, schedule, eps, convention)
+        return DiscreteMRSDE(max_sigma, T, schedule, eps, convention, interpolation)
 
 
 class DiscreteMRSDE(LinearSDE):
     """IR-SDE's discrete mean-reverting schedule on the grid 0..T, interpolated for float t.
 
-    Between grid points alpha, sigma and lam are each linear in t, as the MR Sampler code does
-    (so off the grid lam is not exactly log(alpha / sigma)); theta is constant on each cell
-    (i - 1, i], where thetabar grows by theta_i dt.
+    theta is constant on each cell (i - 1, i], where thetabar grows by theta_i dt; drift and
+    diffusion are that SDE's. Between grid points, interpolation "linear" (the default) takes
+    alpha, sigma and lam each linear in t, as the MR Sampler code does: off the grid lam is then
+    not log(alpha / sigma) and alpha is not the solution of the drift, so the ODE solvers converge
+    to slightly different limits there (benchmarks/results/sampler_accuracy.md). "exact" takes
+    thetabar linear in t, which is the solution of that SDE: alpha = exp(-thetabar), sigma and lam
+    follow exactly, and every identity holds at every t. Both agree on the grid points.
     """
 
     mean_reverting = True
     t_end = 0.0
     t_lambda_floor = 1.0
 
-    def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde"):
+    INTERPOLATIONS = ("linear", "exact")
+
+    def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear"):
         max_sigma = _check_positive("max_sigma", max_sigma)
         self.lam_inf = max_sigma / 255.0 if max_sigma >= 1 else max_sigma
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
@@ -357,7 +365,9 @@ class DiscreteMRSDE(LinearSDE):
             raise ValueError(f"eps: expected a number in (0, 1) (alpha at t = T), got {eps!r}")
         if convention not in ("irsde", "mrs"):
             raise ValueError(f"convention: expected 'irsde' or 'mrs', got {convention!r}")
-        self.T, self.schedule, self.eps, self.convention = T, schedule, float(eps), convention
+        if interpolation not in self.INTERPOLATIONS:
+            raise ValueError(f"interpolation: expected 'linear' (the MR Sampler code's) or 'exact', got {interpolation!r}")
+        self.T, self.schedule, self.eps, self.convention, self.interpolation = T, schedule, float(eps), convention, interpolation
         self.velocity_scale = self.lam_inf
         self.thetas = irsde_thetas(T, schedule)
         cumulative = torch.cumsum(self.thetas, 0)
@@ -370,7 +380,8 @@ class DiscreteMRSDE(LinearSDE):
         self.grid_lam = torch.log(self.grid_alpha) - torch.log(self.grid_sigma)
 
     def __repr__(self):
-        return f"MRSDE.from_irsde(max_sigma={self.lam_inf * 255:g}, T={self.T}, schedule={self.schedule!r}, eps={self.eps}, convention={self.convention!r})"
+        exact = ", interpolation='exact'" if self.interpolation == "exact" else ""
+        return f"MRSDE.from_irsde(max_sigma={self.lam_inf * 255:g}, T={self.T}, schedule={self.schedule!r}, eps={self.eps}, convention={self.convention!r}{exact})"
 
     @property
     def prior_std(self) -> float:
@@ -393,16 +404,28 @@ class DiscreteMRSDE(LinearSDE):
         cell = t.clamp(0, self.T).ceil().clamp(min=1).long()
         return self.thetas.to(t.device)[cell] * self.dt
 
+    def thetabar(self, t: Time) -> torch.Tensor:
+        """The integral of theta from 0 to t: exact on and between the grid points."""
+        return self._interpolate(self.grid_thetabar, t)
+
     def alpha(self, t):
+        if self.interpolation == "exact":
+            return torch.exp(-self.thetabar(t))
         return self._interpolate(self.grid_alpha, t)
 
     def log_alpha(self, t):
+        if self.interpolation == "exact":
+            return -self.thetabar(t)
         return torch.log(self.alpha(t))
 
     def sigma(self, t):
+        if self.interpolation == "exact":
+            return self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.thetabar(t)))
         return self._interpolate(self.grid_sigma, t)
 
     def lam(self, t):
+        if self.interpolation == "exact":
+            return self.log_alpha(t) - torch.log(self.sigma(t))
         return self._interpolate(self.grid_lam, t)
 
     def dlog_alpha_dt(self, t):
@@ -416,6 +439,8 @@ class DiscreteMRSDE(LinearSDE):
 
     def t_of_lam(self, lam):
         lam = as_time(lam, "lam")
+        if self.interpolation == "exact":
+            return self._t_of_thetabar(0.5 * torch.log1p(torch.exp(-2 * lam) / self.lam_inf**2))
         grid = self.grid_lam.to(lam.device)
         # grid_lam decreases; search on its negation, which increases
         right = torch.searchsorted(-grid, -lam.contiguous()).clamp(1, self.T)
@@ -425,6 +450,14 @@ class DiscreteMRSDE(LinearSDE):
         t = left.to(torch.float64) + weight.clamp(0, 1)
         # lam = +inf only at t = 0 (the "irsde" convention's sigma_0 = 0)
         return torch.where(torch.isposinf(lam), torch.zeros_like(t), t)
+
+    def _t_of_thetabar(self, thetabar: torch.Tensor) -> torch.Tensor:
+        """Inverse of the piecewise-linear thetabar(t), clamped to [0, T]."""
+        grid = self.grid_thetabar.to(thetabar.device)
+        right = torch.searchsorted(grid, thetabar.contiguous()).clamp(1, self.T)
+        left = right - 1
+        weight = ((thetabar - grid[left]) / (grid[right] - grid[left])).clamp(0, 1)
+        return left.to(torch.float64) + weight
 
 
 def irsde_thetas(T: int, schedule: str) -> torch.Tensor:

@@ -73,6 +73,13 @@ def test_irsde_adapter_reproduces_mrsampler(solver, order):
         assert (restored - expected).abs().max() < 1e-12, signature
 
 
+def test_irsde_adapter_builds_the_exactly_interpolated_schedule():
+    adapter = IRSDESampler(50, T=100, eps=0.005, schedule="cosine", convention="mrs", interpolation="exact", steps=4)
+    assert adapter.sde.interpolation == "exact" and adapter.sde.convention == "mrs"
+    t = torch.tensor([12.5, 60.25], dtype=torch.float64)
+    assert torch.allclose(adapter.sde.lam(t), torch.log(adapter.sde.alpha(t) / adapter.sde.sigma(t)), rtol=1e-12, atol=0)
+
+
 def test_irsde_adapter_passes_context_and_batched_float_time():
     sde, data, mu, x_T = finite_problem(batch=4)
     network = IRSDEStyleNet(data.denoiser(sde, "noise"))

@@ -81,6 +81,29 @@ def test_irsde_grid_matches_closed_form(schedule, convention):
     assert torch.allclose(sde.t_of_lam(sde.lam(t)), t, atol=1e-10)
 
 
+@pytest.mark.parametrize("convention", ["irsde", "mrs"])
+def test_exact_interpolation_solves_the_discrete_sde_between_grid_points(convention):
+    exact = MRSDE.from_irsde(50, 100, "cosine", 0.005, convention, interpolation="exact")
+    linear = MRSDE.from_irsde(50, 100, "cosine", 0.005, convention)
+    grid = torch.arange(101, dtype=torch.float64)
+    for name in ("alpha", "sigma", "lam"):
+        assert torch.allclose(getattr(exact, name)(grid), getattr(linear, name)(grid), atol=1e-12, rtol=1e-12), name
+    t = torch.arange(100, dtype=torch.float64) + 0.37  # one time in every cell, none on the grid
+    assert torch.allclose(exact.lam(t), torch.log(exact.alpha(t) / exact.sigma(t)), atol=0, rtol=1e-12)
+    # what "linear" gives up: lam off the grid is not log(alpha / sigma)
+    assert (linear.lam(t) - torch.log(linear.alpha(t) / linear.sigma(t))).abs().max() > 1e-3
+    assert (exact.lam(t)[1:] < exact.lam(t)[:-1]).all()
+    assert torch.allclose(exact.t_of_lam(exact.lam(t)), t, atol=1e-9, rtol=0)
+    h = 1e-4  # the steps stay inside each cell, where theta is constant
+    numeric_f = (exact.log_alpha(t + h) - exact.log_alpha(t - h)) / (2 * h)
+    numeric_dsigma2 = (exact.sigma(t + h) ** 2 - exact.sigma(t - h) ** 2) / (2 * h)
+    assert torch.allclose(exact.f(t), numeric_f, rtol=1e-6, atol=1e-11)
+    assert torch.allclose(exact.dsigma2_dt(t), numeric_dsigma2, rtol=1e-6, atol=1e-11)
+    assert "interpolation='exact'" in repr(exact)
+    with pytest.raises(ValueError, match="interpolation: expected 'linear'.*got 'cubic'"):
+        MRSDE.from_irsde(50, interpolation="cubic")
+
+
 def test_max_sigma_scale_and_bad_parameters():
     assert math.isclose(MRSDE.from_irsde(50).lam_inf, 50 / 255)
     assert math.isclose(MRSDE.from_irsde(0.1).lam_inf, 0.1)
