@@ -90,11 +90,12 @@ def test_philox_words_are_bit_exact(seed, offset):
 
 
 @needs_cpu_module
+@pytest.mark.parametrize("numel", [4099, 85, 1109])
 @pytest.mark.parametrize("seed,offset", SEEDS_AND_OFFSETS)
-def test_normals_use_the_same_words_on_simd_lanes(instruction_set, seed, offset):
+def test_normals_use_the_same_words_on_simd_lanes(instruction_set, seed, offset, numel):
     # Exactly the stream's positions, including the counter's low word wrapping inside a vector
-    # (2**32 - 700 + 700): a wrong carry or lane order would make these errors O(1).
-    numel = 4099
+    # (2**32 - 700 + 700): a wrong carry or lane order would make these errors O(1). Tiles of 85
+    # elements run the interleaved vectors, then single vectors, then scalar code.
     got = torch.empty(numel)
     compiled._C.philox_normals(got, seed, offset, 2)
     assert_matches(got, philox_normal(seed, offset, numel, dtype=torch.float64), 2e-6)

@@ -85,44 +85,62 @@ struct PhiloxLanes {
 
 #if MSDIFF_PHILOX_LANES > 0
 
-// Words 0 and 1 of Philox4x32-10 for counters first + j, j in [0, n), n <= kTile: the lanes do
-// whole vectors and return how many they did; the caller finishes the rest one at a time.
+// Words 0 and 1 of Philox4x32-10 for kChains vectors of counters first + j + lane, interleaved:
+// one Philox chain is a sequence of dependent multiplies, several keep the multiplier busy.
+template <int kChains>
+void philox_pair_words_vectors(uint32_t* w0, uint32_t* w1, int64_t j, const PhiloxLanes::V (&keys)[2][10], PhiloxLanes::V low_start,
+                               PhiloxLanes::V high_start) {
+  using L = PhiloxLanes;
+  using V = L::V;
+  const V round_a = L::broadcast(kPhiloxRoundA), round_b = L::broadcast(kPhiloxRoundB), zero = L::broadcast(0);
+  V c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  for (int v = 0; v < kChains; ++v) {
+    c0[v] = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j + v * L::kWidth)), L::lane_index()));
+    c1[v] = L::add_carry(high_start, c0[v], low_start);
+    // Round 0 with c2 = c3 = 0, whose product with round_b is 0.
+    V high_a, low_a;
+    L::multiply_wide(c0[v], round_a, high_a, low_a);
+    c0[v] = L::xor3(zero, c1[v], keys[0][0]);
+    c1[v] = zero;
+    c2[v] = L::xor3(high_a, zero, keys[1][0]);
+    c3[v] = low_a;
+  }
+  for (int round = 1; round < 9; ++round) {
+    for (int v = 0; v < kChains; ++v) {
+      V high_a, low_a, high_b, low_b;
+      L::multiply_wide(c2[v], round_b, high_b, low_b);
+      L::multiply_wide(c0[v], round_a, high_a, low_a);
+      c0[v] = L::xor3(high_b, c1[v], keys[0][round]);
+      c1[v] = low_b;
+      c2[v] = L::xor3(high_a, c3[v], keys[1][round]);
+      c3[v] = low_a;
+    }
+  }
+  // Round 9 for words 0 and 1 only: they need c2's product, not c0's.
+  for (int v = 0; v < kChains; ++v) {
+    V high_b, low_b;
+    L::multiply_wide(c2[v], round_b, high_b, low_b);
+    L::store(w0 + j + v * L::kWidth, L::xor3(high_b, c1[v], keys[0][9]));
+    L::store(w1 + j + v * L::kWidth, low_b);
+  }
+}
+
+// Words 0 and 1 for counters first + j, j in [0, n), n <= kTile: the lanes do whole vectors
+// and return how many they did; the caller finishes the rest one at a time.
 int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey key, uint64_t first) {
   using L = PhiloxLanes;
   using V = L::V;
-  const uint32_t low0 = static_cast<uint32_t>(first), high0 = static_cast<uint32_t>(first >> 32);
-  const V round_a = L::broadcast(kPhiloxRoundA), round_b = L::broadcast(kPhiloxRoundB);
+  constexpr int kChains = 4;
   V keys[2][10];
   uint32_t k0 = key.low, k1 = key.high;
   for (int round = 0; round < 10; ++round, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {
     keys[0][round] = L::broadcast(k0);
     keys[1][round] = L::broadcast(k1);
   }
-  const V low_start = L::broadcast(low0), high_start = L::broadcast(high0), zero = L::broadcast(0);
+  const V low_start = L::broadcast(static_cast<uint32_t>(first)), high_start = L::broadcast(static_cast<uint32_t>(first >> 32));
   int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    V c0 = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j)), L::lane_index()));
-    V c1 = L::add_carry(high_start, c0, low_start);
-    // Round 0 with c2 = c3 = 0, whose product with round_b is 0.
-    V high_a, low_a, high_b, low_b;
-    L::multiply_wide(c0, round_a, high_a, low_a);
-    c0 = L::xor3(zero, c1, keys[0][0]);
-    c1 = zero;
-    V c2 = L::xor3(high_a, zero, keys[1][0]);
-    V c3 = low_a;
-    for (int round = 1; round < 9; ++round) {
-      L::multiply_wide(c2, round_b, high_b, low_b);
-      L::multiply_wide(c0, round_a, high_a, low_a);
-      c0 = L::xor3(high_b, c1, keys[0][round]);
-      c1 = low_b;
-      c2 = L::xor3(high_a, c3, keys[1][round]);
-      c3 = low_a;
-    }
-    // Round 9 for words 0 and 1 only: they need c2's product, not c0's.
-    L::multiply_wide(c2, round_b, high_b, low_b);
-    L::store(w0 + j, L::xor3(high_b, c1, keys[0][9]));
-    L::store(w1 + j, low_b);
-  }
+  for (; j + kChains * L::kWidth <= n; j += kChains * L::kWidth) philox_pair_words_vectors<kChains>(w0, w1, j, keys, low_start, high_start);
+  for (; j + L::kWidth <= n; j += L::kWidth) philox_pair_words_vectors<1>(w0, w1, j, keys, low_start, high_start);
   return j;
 }
 
