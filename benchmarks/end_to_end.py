@@ -316,12 +316,21 @@ def graph_rows(args, rows, networks, device, notes):
             notes.append(f"CUDA graph capture of {row.label} NFE {row.nfe} failed: {error}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def report(args, device, per_preset, seconds):
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     lines = [
         f"# End-to-end sampling, {device.type}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, device {device}{gpu}; torch {torch.__version__}.",
+        f"Machine: {cpu_model()}, {torch.get_num_threads()} CPU threads, device {device}{gpu}; torch {torch.__version__}.",
         f"Date: {datetime.date.today().isoformat()}. Wall time of the benchmark {seconds:.0f} s.",
         "Command: `python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) + "`",
         "",
