@@ -63,7 +63,7 @@ def stored_noise(seed: int, offset: int, like: torch.Tensor, shape: Sequence[int
     """
     if like.device.type != "cpu" or like.dtype == torch.float64:
         return None
-    noise = compiled.stream_normals(seed, offset, math.prod(shape), like.device)
+    noise = compiled.cpu_stream_normals(seed, offset, math.prod(shape))
     return None if noise is None else noise.view(*shape)
 
 

@@ -170,19 +170,14 @@ def _cuda_weighted_score_loss(loss, grad, output, coefs, split, seed, offset, no
         _C_cuda.weighted_score_loss(loss_out, grad_out, output, coefs, split, noise, target, partial_sums, seed, offset, _stream(output))
 
 
-def stream_normals(seed: int, offset: int, numel: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The noise stream at positions offset .. offset + numel - 1 as float32, computed by the
-    compiled kernels for ``device`` (the values their ops draw internally, bit for bit), or None
-    where no compiled module runs there."""
-    device = torch.device(device)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    if device.type == "cpu" and _C is not None:
-        _C.philox_normals(out, seed, offset, torch.get_num_threads())
-    elif device.type == "cuda" and _C_cuda is not None and cuda_device_reason(device.index or 0) is None:
-        with torch.cuda.device(device):
-            _C_cuda.philox_normals(out, seed, offset, _stream(out))
-    else:
+def cpu_stream_normals(seed: int, offset: int, numel: int) -> Optional[torch.Tensor]:
+    """The noise stream at positions offset .. offset + numel - 1 as a float32 CPU tensor, from
+    the C++ kernels (the values the cpu backend's ops draw internally, bit for bit), or None when
+    msdiff_fast._C is not built."""
+    if _C is None:
         return None
+    out = torch.empty(numel, dtype=torch.float32)
+    _C.philox_normals(out, seed, offset, torch.get_num_threads())
     return out
 
 
