@@ -163,10 +163,19 @@ class ModelSpec:
     def degradation(self):
         return TASKS[self.task].degradation(self.task_options)
 
-    def network(self) -> torch.nn.Module:
+    def network(self, seed: Optional[int] = None) -> torch.nn.Module:
+        """The U-Net; seed: of its initial weights (torch's global generator is left as it was;
+        without a seed it draws them, and its state differs from process to process)."""
         from .models import unet_preset
 
-        return unet_preset(self.preset, self.estimator, image_channels=self.channels, cond_channels=self.channels, image_size=self.image_size)
+        def build():
+            return unet_preset(self.preset, self.estimator, image_channels=self.channels, cond_channels=self.channels, image_size=self.image_size)
+
+        if seed is None:
+            return build()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build()
 
     def build_estimator(self):
         from .estimators import make_estimator
@@ -479,7 +488,7 @@ def command_train(args: argparse.Namespace) -> int:
     else:
         images = SyntheticImages(args.synthetic_count, spec.image_size, spec.channels, seed=config.seed)
     dataset = ConditionalPairs(images, spec.degradation(), seed=config.seed)
-    model = spec.network()
+    model = spec.network(seed=config.seed)
     estimator = spec.build_estimator()
     preview = _preview_writer(spec, dataset, out, device) if args.preview_every else None
     write_json(out / "msdiff_train.json", {"command": _command_line(), "spec": spec.description(), "data": str(args.data) if args.data else f"SyntheticImages({args.synthetic_count})"})

@@ -131,7 +131,7 @@ def _train(model: DemoModel, settings: DemoSettings, out: Path, device: torch.de
         raise CLIError(f"--out {out}: {run_dir} holds a run of an earlier demo; choose an empty --out")
     images = SyntheticImages(settings.train_images, spec.image_size, spec.channels, seed=settings.seed)
     dataset = ConditionalPairs(images, spec.degradation(), seed=settings.seed)
-    network = spec.network()
+    network = spec.network(seed=settings.seed)
     estimator = spec.build_estimator()
     report_every = max(1, settings.train_steps // 10)
     config = TrainConfig(steps=settings.train_steps, batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
