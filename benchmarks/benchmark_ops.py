@@ -44,7 +44,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from msdiff_fast.cli import cpu_model  # noqa: E402
 from msdiff_fast.ops import compiled, mr_step, noise_inject, weighted_score_loss  # noqa: E402
 from msdiff_fast.ops.dispatch import reason_unavailable  # noqa: E402
 
@@ -260,14 +260,8 @@ def measure(cases, device, repeats, warmup):
 def device_name(device) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     kernels = f", msdiff_fast._C kernels: {compiled._C.instruction_set()} on {compiled._C.thread_pool()} threads" if compiled._C is not None else ""
-    return f"{model} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}{kernels})"
+    return f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}{kernels})"
 
 
 # glibc: serve every allocation below 1 GiB from the heap, never trim it, grow it 256 MiB at a time.

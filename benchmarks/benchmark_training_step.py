@@ -26,7 +26,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
 
+from msdiff_fast.cli import cpu_model  # noqa: E402
 from msdiff_fast.estimators import CMDE  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
 from test_estimators import plain_conditional_loss  # noqa: E402
@@ -150,10 +150,7 @@ def device_name(device: str, threads: int) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     threads = threads or torch.get_num_threads()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {threads} torch threads)"
-    return f"{platform.processor() or 'cpu'} ({threads} torch threads)"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {threads} torch threads)"
 
 
 def write_results(rows, device: str, threads: int, command: str, load_at_start: float) -> None:

@@ -27,7 +27,6 @@ synchronises) and the whole loop, network included, is captured once and replaye
 import argparse
 import datetime
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msdiff_fast import MRSampler, pc_sample, posterior_sample  # noqa: E402
+from msdiff_fast.cli import cpu_model  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
 from msdiff_fast.ops import mr_step  # noqa: E402
 from msdiff_fast.samplers import conditioned_model, prediction_coefficients  # noqa: E402
@@ -314,15 +314,6 @@ def graph_rows(args, rows, networks, device, notes):
             row.results["graph_finite"] = bool(torch.isfinite(static_out).all())
         except RuntimeError as error:
             notes.append(f"CUDA graph capture of {row.label} NFE {row.nfe} failed: {error}")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def report(args, device, per_preset, seconds):

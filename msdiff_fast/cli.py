@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -365,6 +366,15 @@ def format_number(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def cpu_model() -> str:
+    """The CPU's model name for reports (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cli import (METRIC_LABELS, CLIError, ModelSpec, SamplerSpec, consistency_operator, format_number, image_metrics,
+from .cli import (METRIC_LABELS, CLIError, ModelSpec, SamplerSpec, consistency_operator, cpu_model, format_number, image_metrics,
                   markdown_table, restore_batch, write_json)
 
 USUAL_NFE = {"pc": 2000, "posterior": 100}
@@ -296,7 +296,7 @@ def _nfe_figure(path: Path, models: List[DemoModel], results: Dict) -> None:
 
 
 def _machine(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{name}; {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}"
 
 

@@ -238,7 +238,54 @@ class SubVPSDE(VPSDE):
         return self._t_of_log_alpha(log_alpha)
 
 
-class MRSDE(LinearSDE):
+class _MeanRevertingSDE(LinearSDE):
+    """dx = theta_t (mu - x) dt + g_t dw with g_t^2 = 2 lam_inf^2 theta_t, given by theta and its
+    integral thetabar: alpha = exp(-thetabar), sigma = lam_inf sqrt(1 - alpha^2). Subclasses set
+    lam_inf and define theta, thetabar and its inverse t_of_thetabar."""
+
+    mean_reverting = True
+    lam_inf: float
+
+    @abc.abstractmethod
+    def theta(self, t: Time) -> torch.Tensor:
+        """Schedule function of the subclass."""
+
+    @abc.abstractmethod
+    def thetabar(self, t: Time) -> torch.Tensor:
+        """Schedule function of the subclass: the integral of theta from 0 to t."""
+
+    @abc.abstractmethod
+    def t_of_thetabar(self, thetabar: torch.Tensor) -> torch.Tensor:
+        """Schedule function of the subclass."""
+
+    @property
+    def prior_std(self) -> float:
+        return self.lam_inf
+
+    def log_alpha(self, t):
+        return -self.thetabar(t)
+
+    def dlog_alpha_dt(self, t):
+        return -self.theta(t)
+
+    def sigma(self, t):
+        return self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.thetabar(t)))
+
+    def dsigma2_dt(self, t):
+        return 2 * self.lam_inf**2 * self.theta(t) * self.alpha(t) ** 2
+
+    def g2(self, t):
+        return 2 * self.lam_inf**2 * self.theta(t)
+
+    def lam(self, t):
+        return -math.log(self.lam_inf) - 0.5 * torch.log(torch.expm1(2 * self.thetabar(t)))
+
+    def t_of_lam(self, lam):
+        lam = as_time(lam, "lam")
+        return self.t_of_thetabar(0.5 * torch.log1p(torch.exp(-2 * lam) / self.lam_inf**2))
+
+
+class MRSDE(_MeanRevertingSDE):
     """Mean-reverting SDE dx = theta_t (mu - x) dt + g_t dw with g_t^2 = 2 lam_inf^2 theta_t.
 
     alpha = exp(-thetabar), sigma = lam_inf sqrt(1 - alpha^2). Continuous schedules on [0, T]:
@@ -247,7 +294,6 @@ class MRSDE(LinearSDE):
     ``MRSDE.from_irsde`` gives the exact discrete IR-SDE / DA-CLIP schedules instead.
     """
 
-    mean_reverting = True
     COSINE_OFFSET = 0.008
 
     def __init__(self, lam_inf: float, schedule: str = "cosine", alpha_T: float = 0.005, T: float = 1.0):
@@ -269,10 +315,6 @@ class MRSDE(LinearSDE):
 
     def __repr__(self):
         return f"MRSDE(lam_inf={self.lam_inf}, schedule={self.schedule!r}, alpha_T={self.alpha_T}, T={self.T})"
-
-    @property
-    def prior_std(self) -> float:
-        return self.lam_inf
 
     def theta(self, t: Time) -> torch.Tensor:
         u = as_time(t) / self.T
@@ -296,21 +338,6 @@ class MRSDE(LinearSDE):
             integral = u - cos_sq_integral / math.cos(b) ** 2
         return self._scale * integral
 
-    def log_alpha(self, t):
-        return -self.thetabar(t)
-
-    def dlog_alpha_dt(self, t):
-        return -self.theta(t)
-
-    def sigma(self, t):
-        return self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.thetabar(t)))
-
-    def dsigma2_dt(self, t):
-        return 2 * self.lam_inf**2 * self.theta(t) * torch.exp(-2 * self.thetabar(t))
-
-    def lam(self, t):
-        return -math.log(self.lam_inf) - 0.5 * torch.log(torch.expm1(2 * self.thetabar(t)))
-
     def t_of_thetabar(self, thetabar: torch.Tensor) -> torch.Tensor:
         u_of = {
             "constant": lambda tb: tb / self._scale,
@@ -319,11 +346,6 @@ class MRSDE(LinearSDE):
         if u_of is not None:
             return u_of(thetabar) * self.T
         return _bisect_decreasing(lambda t: -self.thetabar(t), -thetabar, 0.0, self.T)
-
-    def t_of_lam(self, lam):
-        lam = as_time(lam, "lam")
-        thetabar = 0.5 * torch.log1p(torch.exp(-2 * lam) / self.lam_inf**2)
-        return self.t_of_thetabar(thetabar)
 
     @staticmethod
     def from_irsde(max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear") -> "DiscreteMRSDE":
@@ -335,28 +357,26 @@ class MRSDE(LinearSDE):
         between grid points: "linear" (alpha, sigma and lam each, as the MR Sampler code) or
         "exact" (the SDE with theta constant on each cell solved exactly), see DiscreteMRSDE.
         """
-        return DiscreteMRSDE(max_sigma, T, schedule, eps, convention, interpolation)
+        schedules = {"linear": LinearlyInterpolatedMRSDE, "exact": DiscreteMRSDE}
+        if interpolation not in schedules:
+            raise ValueError(f"interpolation: expected 'linear' (the MR Sampler code's) or 'exact', got {interpolation!r}")
+        return schedules[interpolation](max_sigma, T, schedule, eps, convention)
 
 
-class DiscreteMRSDE(LinearSDE):
-    """IR-SDE's discrete mean-reverting schedule on the grid 0..T, interpolated for float t.
+class DiscreteMRSDE(_MeanRevertingSDE):
+    """IR-SDE's discrete mean-reverting schedule on the grid 0..T, solved exactly for float t.
 
-    theta is constant on each cell (i - 1, i], where thetabar grows by theta_i dt; drift and
-    diffusion are that SDE's. Between grid points, interpolation "linear" (the default) takes
-    alpha, sigma and lam each linear in t, as the MR Sampler code does: off the grid lam is then
-    not log(alpha / sigma) and alpha is not the solution of the drift, so the ODE solvers converge
-    to slightly different limits there (benchmarks/results/sampler_accuracy.md). "exact" takes
-    thetabar linear in t, which is the solution of that SDE: alpha = exp(-thetabar), sigma and lam
-    follow exactly, and every identity holds at every t. Both agree on the grid points.
+    theta is constant on each cell (i - 1, i], where thetabar grows by theta_i dt, so thetabar is
+    linear between grid points and alpha, sigma and lam follow from it at every t. Built by
+    ``MRSDE.from_irsde(..., interpolation="exact")``; the default there is
+    ``LinearlyInterpolatedMRSDE``, the MR Sampler code's variant, equal on the grid points.
     """
 
-    mean_reverting = True
     t_end = 0.0
     t_lambda_floor = 1.0
+    interpolation = "exact"
 
-    INTERPOLATIONS = ("linear", "exact")
-
-    def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear"):
+    def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde"):
         max_sigma = _check_positive("max_sigma", max_sigma)
         self.lam_inf = max_sigma / 255.0 if max_sigma >= 1 else max_sigma
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
@@ -365,9 +385,7 @@ class DiscreteMRSDE(LinearSDE):
             raise ValueError(f"eps: expected a number in (0, 1) (alpha at t = T), got {eps!r}")
         if convention not in ("irsde", "mrs"):
             raise ValueError(f"convention: expected 'irsde' or 'mrs', got {convention!r}")
-        if interpolation not in self.INTERPOLATIONS:
-            raise ValueError(f"interpolation: expected 'linear' (the MR Sampler code's) or 'exact', got {interpolation!r}")
-        self.T, self.schedule, self.eps, self.convention, self.interpolation = T, schedule, float(eps), convention, interpolation
+        self.T, self.schedule, self.eps, self.convention = T, schedule, float(eps), convention
         self.velocity_scale = self.lam_inf
         self.thetas = irsde_thetas(T, schedule)
         cumulative = torch.cumsum(self.thetas, 0)
@@ -375,17 +393,10 @@ class DiscreteMRSDE(LinearSDE):
             cumulative = cumulative - self.thetas[0]
         self.dt = -math.log(self.eps) / float(cumulative[-1])
         self.grid_thetabar = cumulative * self.dt
-        self.grid_alpha = torch.exp(-self.grid_thetabar)
-        self.grid_sigma = self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.grid_thetabar))
-        self.grid_lam = torch.log(self.grid_alpha) - torch.log(self.grid_sigma)
 
     def __repr__(self):
         exact = ", interpolation='exact'" if self.interpolation == "exact" else ""
         return f"MRSDE.from_irsde(max_sigma={self.lam_inf * 255:g}, T={self.T}, schedule={self.schedule!r}, eps={self.eps}, convention={self.convention!r}{exact})"
-
-    @property
-    def prior_std(self) -> float:
-        return self.lam_inf
 
     def _interpolate(self, grid: torch.Tensor, t: Time) -> torch.Tensor:
         t = as_time(t)
@@ -399,48 +410,51 @@ class DiscreteMRSDE(LinearSDE):
         inside = (1 - weight) * at_left + weight * at_right
         return torch.where(weight == 0, at_left, torch.where(weight == 1, at_right, inside))
 
-    def _cell_theta(self, t: Time) -> torch.Tensor:
+    def theta(self, t: Time) -> torch.Tensor:
         t = as_time(t)
         cell = t.clamp(0, self.T).ceil().clamp(min=1).long()
         return self.thetas.to(t.device)[cell] * self.dt
 
     def thetabar(self, t: Time) -> torch.Tensor:
-        """The integral of theta from 0 to t: exact on and between the grid points."""
         return self._interpolate(self.grid_thetabar, t)
 
+    def t_of_thetabar(self, thetabar: torch.Tensor) -> torch.Tensor:
+        """Inverse of the piecewise-linear thetabar(t), clamped to [0, T]."""
+        grid = self.grid_thetabar.to(thetabar.device)
+        right = torch.searchsorted(grid, thetabar.contiguous()).clamp(1, self.T)
+        left = right - 1
+        weight = ((thetabar - grid[left]) / (grid[right] - grid[left])).clamp(0, 1)
+        return left.to(torch.float64) + weight
+
+
+class LinearlyInterpolatedMRSDE(DiscreteMRSDE):
+    """The discrete IR-SDE schedule as the MR Sampler code reads it between grid points: alpha,
+    sigma and lam each linear in t. Equal to DiscreteMRSDE on the grid points; between them lam
+    is not log(alpha / sigma) and alpha is not the solution of the drift, so the ODE solvers
+    converge to slightly different limits there (benchmarks/results/sampler_accuracy.md)."""
+
+    interpolation = "linear"
+
+    def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde"):
+        super().__init__(max_sigma, T, schedule, eps, convention)
+        self.grid_alpha = torch.exp(-self.grid_thetabar)
+        self.grid_sigma = self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.grid_thetabar))
+        self.grid_lam = torch.log(self.grid_alpha) - torch.log(self.grid_sigma)
+
     def alpha(self, t):
-        if self.interpolation == "exact":
-            return torch.exp(-self.thetabar(t))
         return self._interpolate(self.grid_alpha, t)
 
     def log_alpha(self, t):
-        if self.interpolation == "exact":
-            return -self.thetabar(t)
         return torch.log(self.alpha(t))
 
     def sigma(self, t):
-        if self.interpolation == "exact":
-            return self.lam_inf * torch.sqrt(-torch.expm1(-2 * self.thetabar(t)))
         return self._interpolate(self.grid_sigma, t)
 
     def lam(self, t):
-        if self.interpolation == "exact":
-            return self.log_alpha(t) - torch.log(self.sigma(t))
         return self._interpolate(self.grid_lam, t)
-
-    def dlog_alpha_dt(self, t):
-        return -self._cell_theta(t)
-
-    def dsigma2_dt(self, t):
-        return 2 * self.lam_inf**2 * self._cell_theta(t) * self.alpha(t) ** 2
-
-    def g2(self, t):
-        return 2 * self.lam_inf**2 * self._cell_theta(t)
 
     def t_of_lam(self, lam):
         lam = as_time(lam, "lam")
-        if self.interpolation == "exact":
-            return self._t_of_thetabar(0.5 * torch.log1p(torch.exp(-2 * lam) / self.lam_inf**2))
         grid = self.grid_lam.to(lam.device)
         # grid_lam decreases; search on its negation, which increases
         right = torch.searchsorted(-grid, -lam.contiguous()).clamp(1, self.T)
@@ -450,14 +464,6 @@ class DiscreteMRSDE(LinearSDE):
         t = left.to(torch.float64) + weight.clamp(0, 1)
         # lam = +inf only at t = 0 (the "irsde" convention's sigma_0 = 0)
         return torch.where(torch.isposinf(lam), torch.zeros_like(t), t)
-
-    def _t_of_thetabar(self, thetabar: torch.Tensor) -> torch.Tensor:
-        """Inverse of the piecewise-linear thetabar(t), clamped to [0, T]."""
-        grid = self.grid_thetabar.to(thetabar.device)
-        right = torch.searchsorted(grid, thetabar.contiguous()).clamp(1, self.T)
-        left = right - 1
-        weight = ((thetabar - grid[left]) / (grid[right] - grid[left])).clamp(0, 1)
-        return left.to(torch.float64) + weight
 
 
 def irsde_thetas(T: int, schedule: str) -> torch.Tensor:

@@ -181,8 +181,8 @@ def test_weighted_score_loss_matches_reference(backend, device, dtype, shape, sp
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("weighted_score_loss") if c.values[2] == torch.float32])
 def test_weighted_score_loss_backward_of_a_plain_sum_and_repeated_backward(backend, device, dtype):
-    """loss.sum().backward() hands the forward's gradient over without rescaling it; a second
-    backward through the retained graph must still add the same gradient again."""
+    """The saved gradient serves every backward: a second one through the retained graph adds
+    the same gradient again."""
     g = torch.Generator().manual_seed(5)
     output = torch.randn(3, 2, 7, 9, generator=g).to(device).requires_grad_()
     coefs = torch.rand(3, 1, 3, generator=g, dtype=torch.float64).to(device)

@@ -115,20 +115,20 @@ int find_openmp_parallel(struct dl_phdr_info* info, size_t, void* found) {
 }
 #endif
 
-// The OpenMP runtime already loaded into this process (torch's: its CPU ops run on OpenMP),
-// or null. Why share it: after each parallel region OpenMP's workers spin for a while before
-// they sleep, so threads of our own would compete with them for the same cores. On torch's
-// team they are the ones that pick up our work, at once. Searched until found, then kept.
+// The OpenMP runtime loaded into this process (torch's: its CPU ops run on OpenMP, and
+// msdiff_fast imports torch before this module), or null. Why share it: after each parallel
+// region OpenMP's workers spin for a while before they sleep, so threads of our own would
+// compete with them for the same cores. On torch's team they are the ones that pick up our
+// work, at once. Looked up once.
 OpenMPParallel loaded_openmp() {
-  static std::atomic<OpenMPParallel> found{nullptr};
-  OpenMPParallel parallel = found.load(std::memory_order_acquire);
+  static const OpenMPParallel found = [] {
+    OpenMPParallel parallel = nullptr;
 #if defined(__linux__)
-  if (parallel == nullptr) {
     dl_iterate_phdr(find_openmp_parallel, &parallel);
-    found.store(parallel, std::memory_order_release);
-  }
 #endif
-  return parallel;
+    return parallel;
+  }();
+  return found;
 }
 
 // body(begin, end) over [0, total) in chunks of at least `grain` units (a multiple of

@@ -62,12 +62,6 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:
         return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    # loss.sum().backward() sends ones: the forward's gradient is then the answer, and handing
-    # it over saves a pass over x-sized memory (autograd copies it if anything else still holds
-    # it). Checked on the CPU only (on a GPU the check would cost a device sync, the multiply
-    # not) and on plain tensors only (a traced graph cannot branch on data).
-    if type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and bool((grad_loss == 1).all()):
-        return grad, None, None, None, None, None, None, None
     scale = grad_loss.reshape(grad.shape[0], *([1] * (grad.ndim - 1)))
     return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None
 
