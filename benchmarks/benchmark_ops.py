@@ -10,7 +10,9 @@ Providers for every op:
 Ops: mr_step with 2 terms, without and with noise; noise_inject of x and y into the cat buffer;
 weighted_score_loss forward, and forward + backward. The fused loss runs twice: regenerating the
 noise from (seed, offset), which is how training uses it (no noise tensor kept between
-noise_inject and the loss), and reading the stored noise tensor that the eager formula reads.
+noise_inject and the loss), and reading the stored noise tensor that the eager formula reads;
+both with reduction="sum", whose backward scales the forward's gradient in place (the training
+losses use reduction="mean", the same path).
 
 Timing: medians (and 20th/80th percentiles) over repeats that visit the providers round-robin, so
 that a busy machine slows all of them alike; on CUDA each sample is 10 calls queued back to back
@@ -134,12 +136,12 @@ def loss_case(shape, dtype, device, backward: bool, backends):
 
     providers = {}
     for b in backends:
-        providers[f"fused[{b}]"] = run(lambda b=b: weighted_score_loss(output, coefs, seed=1, backend=b))
-        providers[f"fused[{b}], stored noise"] = run(lambda b=b: weighted_score_loss(output, coefs, noise=noise, backend=b))
+        providers[f"fused[{b}]"] = run(lambda b=b: weighted_score_loss(output, coefs, seed=1, reduction="sum", backend=b))
+        providers[f"fused[{b}], stored noise"] = run(lambda b=b: weighted_score_loss(output, coefs, noise=noise, reduction="sum", backend=b))
     providers["eager"] = run(lambda: eager_loss(output, noise))
     compiled_eager = torch.compile(eager_loss)
     providers["compile"] = run(lambda: compiled_eager(output, noise))
-    # Fused: forward reads output, writes grad; backward reads grad, writes output.grad.
+    # Fused: forward reads output, writes grad; backward scales grad in place (reduction="sum").
     element_bytes = output.numel() * output.element_size()
     name = "weighted_score_loss " + ("forward + backward" if backward else "forward")
     return name, (4 if backward else 2) * element_bytes, providers

@@ -300,8 +300,8 @@ class _ConditionalEstimator(Estimator):
         target = None
         if self.sigma_data is not None:  # x0 in the x part; the y part's target scale is 0
             target = x0.contiguous() if not self.diffuses_y else torch.cat([x0, torch.zeros_like(output[:, x_channels:])], dim=1)
-        per_sample = weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, noise=noise, target=target)
-        return per_sample.mean()
+        return weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, noise=noise,
+                                   target=target, reduction="mean")
 
     def _output_description(self, x_channels: int, y_channels: int) -> str:
         if self.diffuses_y:
@@ -566,7 +566,8 @@ class MeanReverting(Estimator):
         _check_output(output, tuple(x0.shape), f"{x0.shape[1]} channels like x, unet_preset(..., estimator='mr')")
         target = {"noise": None, "data": x0, "velocity": data_minus_mu}[self.model_output]
         coefs = self.loss_coefficients(t, dim).to(coef_dtype)
-        return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, noise=noise, target=None if target is None else target.contiguous()).mean()
+        return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, noise=noise, target=None if target is None else target.contiguous(),
+                                   reduction="mean")
 
     def sampling_model(self, model: Callable, y: Optional[torch.Tensor] = None, mode: Optional[str] = None, generator: Optional[torch.Generator] = None, times: Optional[torch.Tensor] = None) -> Callable:
         """model(x_t, t, mu) -> the ``model_output`` kind; mu is the sampler's condition (or ``y``).

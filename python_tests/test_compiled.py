@@ -102,26 +102,41 @@ def test_normals_use_the_same_words_on_simd_lanes(instruction_set, seed, offset,
 
 
 def box_muller(words, dtype):
-    """The stream's normals from its words in `dtype` (philox.philox_normal's formula)."""
-    u1 = uniform_from_words(words[0]).to(dtype).clamp_min(MIN_UNIFORM)
-    u2 = uniform_from_words(words[1]).to(dtype)
-    angle = torch.tensor(TWO_PI, dtype=dtype) * u2
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+    """The stream's four normals per counter from its words in `dtype` (philox.philox_normal's formula)."""
+    normals = []
+    for first, second in ((0, 1), (2, 3)):
+        u_radius = uniform_from_words(words[first]).to(dtype).clamp_min(MIN_UNIFORM)
+        angle = torch.tensor(TWO_PI, dtype=dtype) * uniform_from_words(words[second]).to(dtype)
+        radius = torch.sqrt(-2.0 * torch.log(u_radius))
+        normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
+    return torch.stack(normals, dim=1).flatten()
 
 
 @needs_cpu_module
-def test_polynomial_log_and_cos_are_float32_accurate(instruction_set):
-    """Box-Muller with the kernels' own log/cos against float64, over 2**21 draws: within 1e-6 for
-    |z| < 5 (float32 rounding of a value near 5 is 2.4e-7), and closer than torch's float32 formula."""
+def test_polynomial_log_sin_and_cos_are_float32_accurate(instruction_set):
+    """Box-Muller with the kernels' own log/sin/cos against float64, over 2**21 draws: within 1e-6
+    for |z| < 5 (float32 rounding of a value near 5 is 2.4e-7), and closer than torch's float32 formula."""
     numel, seed, offset = 2**21, 77, 2**33
     got = torch.empty(numel)
     compiled._C.philox_normals(got, seed, offset, 2)
-    words = torch.empty(4, numel, dtype=torch.int64)
-    compiled._C.philox_words(words, seed, offset)  # bit-exact: test_philox_words_are_bit_exact
+    words = torch.empty(4, numel // 4, dtype=torch.int64)
+    compiled._C.philox_words(words, seed, offset // 4)  # bit-exact: test_philox_words_are_bit_exact
     want = box_muller(words, torch.float64)
     err = (got.double() - want).abs()
     assert err[want.abs() < 5].max().item() < 1e-6
     assert err.max().item() <= (box_muller(words, torch.float32).double() - want).abs().max().item()
+
+
+@needs_cpu_module
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 2**34 - 2])
+@pytest.mark.parametrize("numel", [1, 2, 3, 5, 4098])
+def test_cuda_group_noise_is_the_stream(offset, numel):
+    # The CUDA kernels draw four consecutive positions per thread with stream_normal_group, one
+    # Philox block when the first position is a multiple of 4 and two otherwise; this runs that
+    # same header function on the host, at every alignment and with partial last groups.
+    got = torch.full((numel,), float("nan"))
+    compiled._C.philox_normal_groups(got, 31, offset)
+    assert_matches(got, philox_normal(31, offset, numel, dtype=torch.float64), 2e-6)
 
 
 @needs_cpu_module

@@ -104,6 +104,13 @@ def test_noise_statistics():
     assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 0.01
     shifted = philox_normal(7, 100, 1000, dtype=torch.float64)
     assert torch.equal(shifted, z[100:1100])
+    # A block's four normals (cos and sin of two Box-Muller pairs) and the next block's are
+    # independent: neither the values nor their squares (which share a pair's radius) correlate.
+    blocks = z.view(-1, 4)
+    for a, b in ((0, 1), (2, 3), (0, 2), (1, 3)):
+        assert abs(torch.corrcoef(torch.stack([blocks[:, a], blocks[:, b]]))[0, 1].item()) < 0.01
+        assert abs(torch.corrcoef(torch.stack([blocks[:, a] ** 2, blocks[:, b] ** 2]))[0, 1].item()) < 0.015
+    assert abs(torch.corrcoef(torch.stack([blocks[:-1, 3] ** 2, blocks[1:, 0] ** 2]))[0, 1].item()) < 0.015
     # Tail mass and symmetry of a standard normal.
     assert abs((z.abs() > 1.96).double().mean().item() - 0.05) < 0.003
     assert abs((z > 0).double().mean().item() - 0.5) < 0.005
@@ -225,13 +232,14 @@ def _op_args(op, backend, device, dtype):
         buf = torch.empty(2, 5, 5, dtype=dtype, device=device)
         y = make((2, 2, 5), dtype, device, generator=g)
         return torch.ops.msdiff_fast.noise_inject.default, (buf[:, :3], buf[:, 3:], x, c64(2, 2), y, c64(2, 2), None, 3, 4, None, None, backend)
-    return torch.ops.msdiff_fast.weighted_score_loss.default, (x.requires_grad_(), c64(2, 2, 3), 6, 3, 4, None, None, backend)
+    in_place = op == "weighted_score_loss, grad scaled in place"
+    return torch.ops.msdiff_fast.weighted_score_loss.default, (x.requires_grad_(), c64(2, 2, 3), 6, 3, 4, None, None, backend, in_place)
 
 
-@pytest.mark.parametrize("op", ["mr_step", "noise_inject", "weighted_score_loss"])
+@pytest.mark.parametrize("op", ["mr_step", "noise_inject", "weighted_score_loss", "weighted_score_loss, grad scaled in place"])
 @pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("mr_step") if c.values[2] in (torch.float32, torch.float64)])
 def test_opcheck(op, backend, device, dtype):
-    if reason_unavailable(op, backend, torch.device(device), dtype) is not None:
+    if reason_unavailable(op.split(",")[0], backend, torch.device(device), dtype) is not None:
         return
     fn, args = _op_args(op, backend, device, dtype)
     torch.library.opcheck(fn, args)
@@ -293,3 +301,33 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
         mr_step(x, [x], coefs)
     monkeypatch.setenv("MSDIFF_FAST_BACKEND", "torch")
     assert torch.equal(mr_step(x, [x], coefs), 2 * x)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("weighted_score_loss") if c.values[2] != torch.float64])
+def test_weighted_score_loss_reductions(backend, device, dtype):
+    """mean and sum are the per-sample losses' mean and sum, with the same gradients (the forward's
+    own, scaled in place, so a retained graph refuses a second backward); a weighted sum of the
+    per-sample losses rescales the forward's gradient per sample."""
+    g = torch.Generator().manual_seed(6)
+    output = torch.randn(5, 3, 4, 7, generator=g).to(device, dtype).requires_grad_()
+    coefs = torch.rand(5, 1, 3, generator=g, dtype=torch.float64).to(device)
+    _, grad64 = reference.weighted_score_loss(output.detach().double(), coefs, None, 2, 3)
+    per_sample = weighted_score_loss(output, coefs, seed=2, offset=3, backend=backend)
+    (per_sample_grad,) = torch.autograd.grad(per_sample.mean(), output, retain_graph=True)
+    mean = weighted_score_loss(output, coefs, seed=2, offset=3, reduction="mean", backend=backend)
+    (mean_grad,) = torch.autograd.grad(mean, output)
+    assert mean.shape == ()
+    assert abs(mean.item() - per_sample.mean().item()) <= 1e-6 * per_sample.mean().item()
+    assert_close_to_oracle(mean_grad, per_sample_grad, grad64.to(device) / 5, atol_for(dtype))
+
+    _, forward_grad = torch.ops.msdiff_fast.weighted_score_loss(output.detach(), coefs, None, 2, 3, None, None, backend)
+    summed = weighted_score_loss(output, coefs, seed=2, offset=3, reduction="sum", backend=backend)
+    (sum_grad,) = torch.autograd.grad(summed, output, retain_graph=True)
+    assert torch.equal(sum_grad, forward_grad)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        torch.autograd.grad(summed, output)
+    scale = torch.arange(1.0, 6.0, device=device).view(5, 1, 1, 1)
+    (scaled_grad,) = torch.autograd.grad((per_sample * scale.flatten()).sum(), output)
+    assert_close_to_oracle(scaled_grad, (forward_grad * scale).to(dtype), grad64.to(device) * scale.double(), atol_for(dtype))
+    with pytest.raises(ValueError, match="reduction"):
+        weighted_score_loss(output, coefs, reduction="avg")

@@ -48,14 +48,24 @@ void weighted_score_loss(Output loss, Output grad, Input output, Input coefs, in
   msdiff::cpu::weighted_score_loss(args, workers);
 }
 
-void philox_normals(Output out, uint64_t seed, uint64_t offset, int64_t num_threads) {
+void check_normals_out(const Output& out) {
   msdiff::bind::check_place(out, "out", kHost);
   if (out.dtype() != nb::dtype<float>() || out.ndim() != 1 || (out.shape(0) > 1 && out.stride(0) != 1)) {
     msdiff::bind::fail_value("out", "a contiguous 1-d float32 array", msdiff::bind::dtype_name(out.dtype()) + " of shape " + msdiff::bind::shape_of(out));
   }
+}
+
+void philox_normals(Output out, uint64_t seed, uint64_t offset, int64_t num_threads) {
+  check_normals_out(out);
   const int workers = threads(num_threads);
   nb::gil_scoped_release release;
   msdiff::cpu::philox_normals(static_cast<float*>(out.data()), static_cast<int64_t>(out.shape(0)), seed, offset, workers);
+}
+
+void philox_normal_groups(Output out, uint64_t seed, uint64_t offset) {
+  check_normals_out(out);
+  nb::gil_scoped_release release;
+  msdiff::cpu::philox_normal_groups(static_cast<float*>(out.data()), static_cast<int64_t>(out.shape(0)), seed, offset);
 }
 
 void philox_words(Output out, uint64_t seed, uint64_t offset) {
@@ -83,6 +93,8 @@ NB_MODULE(_C, m) {
         "loss[b] = sum w_g (output - k_g z - c_g target)^2 and grad = 2 w_g r; split 0 = one segment.");
   m.def("philox_normals", &philox_normals, "out"_a.noconvert(), "seed"_a, "offset"_a, "num_threads"_a,
         "out[i] = the noise stream's normal at position offset + i.");
+  m.def("philox_normal_groups", &philox_normal_groups, "out"_a.noconvert(), "seed"_a, "offset"_a,
+        "philox_normals through the CUDA kernels' group-of-four function, compiled for the host (for tests).");
   m.def("philox_words", &philox_words, "out"_a.noconvert(), "seed"_a, "offset"_a,
         "out[w, i] = word w of Philox4x32-10 at counter offset + i.");
   m.def("instruction_sets", &msdiff::cpu::instruction_sets, "The kernel variants this build and CPU can run, best first.");

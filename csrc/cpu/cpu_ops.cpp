@@ -194,6 +194,16 @@ void philox_normals(float* normals, int64_t numel, uint64_t seed, uint64_t offse
                [&](int64_t begin, int64_t end) { kernels().philox_normals(normals, seed, offset, begin, end); });
 }
 
+void philox_normal_groups(float* normals, int64_t numel, uint64_t seed, uint64_t offset) {
+  const PhiloxKey key = philox_key(seed);
+  for (int64_t j = 0; j < numel; j += kNormalsPerCounter) {
+    const int n = static_cast<int>(numel - j < kNormalsPerCounter ? numel - j : kNormalsPerCounter);
+    float z[kNormalsPerCounter];
+    stream_normal_group(key, offset + static_cast<uint64_t>(j), n, z);
+    for (int k = 0; k < n; ++k) normals[j + k] = z[k];
+  }
+}
+
 void philox_words(int64_t* words, int64_t numel, uint64_t seed, uint64_t offset) {
   const PhiloxKey key = philox_key(seed);
   for (int64_t i = 0; i < numel; ++i) {

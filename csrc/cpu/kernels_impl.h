@@ -35,32 +35,52 @@ void widen_side(float* dst, const void* src, bool side_is_float, int64_t n) {
 
 #include "philox_lanes.h"
 
-// z[j] = the stream at first + j, j < n <= kTile: Philox on SIMD lanes where this instruction
-// set has them (one at a time for the rest), then Box-Muller, which the compiler vectorises.
-void fill_normals(float* __restrict__ z, int64_t n, PhiloxKey key, uint64_t first) {
-  alignas(64) uint32_t w0[kTile];
-  alignas(64) uint32_t w1[kTile];
-  int64_t j = 0;
+// A tile's noise: the stream at positions first .. first + n - 1 (n <= kTile) covers counters
+// first / 4 .. (first + n - 1) / 4, whose normals fill a scratch array from index first % 4 on.
+constexpr int64_t kNoiseScratch = kTile + 2 * kNormalsPerCounter;
+constexpr int64_t kTileCounters = kNoiseScratch / kNormalsPerCounter;
+
+// The stream at first + j, j < n <= kTile, written into scratch; returns where it starts. Philox
+// on SIMD lanes where this instruction set has them (one at a time for the rest), then Box-Muller
+// per pair of words, which the compiler vectorises.
+const float* fill_normals(float* __restrict__ scratch, int64_t n, PhiloxKey key, uint64_t first) {
+  alignas(64) uint32_t w0[kTileCounters];
+  alignas(64) uint32_t w1[kTileCounters];
+  alignas(64) uint32_t w2[kTileCounters];
+  alignas(64) uint32_t w3[kTileCounters];
+  const uint64_t first_counter = first >> 2;
+  const int64_t lead = static_cast<int64_t>(first & 3u);
+  const int64_t counters = (lead + n + kNormalsPerCounter - 1) / kNormalsPerCounter;
+  int64_t c = 0;
 #if MSDIFF_PHILOX_LANES > 0
-  j = philox_pair_words_lanes(w0, w1, n, key, first);
+  uint32_t* const words[4] = {w0, w1, w2, w3};
+  c = philox_words_lanes(words, counters, key, first_counter);
 #endif
-  for (; j < n; ++j) {
-    const uint64_t position = first + static_cast<uint64_t>(j);
-    const PhiloxWords words = philox4x32_10(key, static_cast<uint32_t>(position), static_cast<uint32_t>(position >> 32));
-    w0[j] = words.w0;
-    w1[j] = words.w1;
+  for (; c < counters; ++c) {
+    const uint64_t counter = first_counter + static_cast<uint64_t>(c);
+    const PhiloxWords block = philox4x32_10(key, static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32));
+    w0[c] = block.w0;
+    w1[c] = block.w1;
+    w2[c] = block.w2;
+    w3[c] = block.w3;
   }
-  for (j = 0; j < n; ++j) z[j] = normal_from_words(w0[j], w1[j]);
+  for (c = 0; c < counters; ++c) {
+    float* __restrict__ z = scratch + kNormalsPerCounter * c;
+    normals_from_words(w0[c], w1[c], z[0], z[1]);
+    normals_from_words(w2[c], w3[c], z[2], z[3]);
+  }
+  return scratch + lead;
 }
 
-// The noise of a tile: the explicit tensor's values or the stream's.
+// The noise of a tile: the explicit tensor's values or the stream's, in scratch; returns where
+// they start.
 template <class T>
-void fill_noise(float* z, int64_t n, const void* explicit_noise, bool side_is_float, PhiloxKey key, uint64_t first) {
+const float* fill_noise(float* scratch, int64_t n, const void* explicit_noise, bool side_is_float, PhiloxKey key, uint64_t first) {
   if (explicit_noise != nullptr) {
-    widen_side<T>(z, explicit_noise, side_is_float, n);
-  } else {
-    fill_normals(z, n, key, first);
+    widen_side<T>(scratch, explicit_noise, side_is_float, n);
+    return scratch;
   }
+  return fill_normals(scratch, n, key, first);
 }
 
 // base + elements for a side input stored as T or as float32 (null stays null).
@@ -135,7 +155,7 @@ void combine(T* out, const T* x, const MrStepArgs& a, int64_t start, const float
 template <class T>
 void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
   const PhiloxKey key = philox_key(a.seed);
-  alignas(64) float z[kTile];
+  alignas(64) float scratch[kNoiseScratch];
   for (int64_t start = begin; start < end;) {
     const int64_t sample = start / a.per_sample;
     const int64_t stop = smaller(smaller(end, (sample + 1) * a.per_sample), start + kTile);
@@ -144,7 +164,8 @@ void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
     const T* x = static_cast<const T*>(a.x) + start;
     T* out = static_cast<T*>(a.out) + start;
     if (a.noise_coef != nullptr) {
-      fill_noise<T>(z, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+      const float* z =
+          fill_noise<T>(scratch, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
       combine<T, true>(out, x, a, start, row, z, a.noise_coef[sample], n);
     } else {
       combine<T, false>(out, x, a, start, row, nullptr, 0.0f, n);
@@ -159,7 +180,7 @@ void mr_step_range(const MrStepArgs& a, int64_t begin, int64_t end) {
 template <class T>
 void diffuse_part(T* out, const T* src, const T* mean, const void* noise, bool side_is_float, const float* coefs,
                   int64_t begin, int64_t end, PhiloxKey key, uint64_t first_position) {
-  alignas(64) float z[kTile];
+  alignas(64) float scratch[kNoiseScratch];
   for (int64_t start = begin; start < end; start += kTile) {
     const int64_t n = smaller(kTile, end - start);
     T* __restrict__ dst = out + start;
@@ -169,7 +190,8 @@ void diffuse_part(T* out, const T* src, const T* mean, const void* noise, bool s
       continue;
     }
     const Diffusion diffusion{coefs[0], coefs[1]};
-    fill_noise<T>(z, n, advance_side<T>(noise, side_is_float, start), side_is_float, key, first_position + static_cast<uint64_t>(start));
+    const float* __restrict__ z =
+        fill_noise<T>(scratch, n, advance_side<T>(noise, side_is_float, start), side_is_float, key, first_position + static_cast<uint64_t>(start));
     if (mean != nullptr) {
       const T* __restrict__ mu = mean + start;
       for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(diffusion(to_float(clean[j]), z[j], to_float(mu[j])));
@@ -228,13 +250,14 @@ void noise_inject_range(const NoiseInjectArgs& a, int64_t begin, int64_t end) {
 template <class T>
 void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual segment, int64_t sample, int64_t begin, int64_t end,
                  PhiloxKey key, double* __restrict__ lanes) {
-  alignas(64) float z[kTile];
+  alignas(64) float scratch[kNoiseScratch];
   alignas(64) float target[kTile];
   alignas(64) float squares[kTile];
   const int64_t sample_start = sample * a.per_sample;
   for (int64_t start = sample_start + begin; start < sample_start + end; start += kTile) {
     const int64_t n = smaller(kTile, sample_start + end - start);
-    fill_noise<T>(z, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
+    const float* __restrict__ z =
+        fill_noise<T>(scratch, n, advance_side<T>(a.noise, a.side_is_float, start), a.side_is_float, key, a.offset + static_cast<uint64_t>(start));
     const T* __restrict__ output = static_cast<const T*>(a.output) + start;
     T* __restrict__ grad = static_cast<T*>(a.grad) + start;
     if (a.target != nullptr) {
@@ -308,8 +331,10 @@ void weighted_score_loss(const WeightedScoreLossArgs& args, double* partial_sums
 
 void philox_normals(float* normals, uint64_t seed, uint64_t offset, int64_t begin, int64_t end) {
   const PhiloxKey key = philox_key(seed);
+  alignas(64) float scratch[kNoiseScratch];
   for (int64_t start = begin; start < end; start += kTile) {
-    fill_normals(normals + start, smaller(kTile, end - start), key, offset + static_cast<uint64_t>(start));
+    const int64_t n = smaller(kTile, end - start);
+    std::memcpy(normals + start, fill_normals(scratch, n, key, offset + static_cast<uint64_t>(start)), static_cast<size_t>(n) * sizeof(float));
   }
 }
 

@@ -85,17 +85,18 @@ struct PhiloxLanes {
 
 #if MSDIFF_PHILOX_LANES > 0
 
-// Words 0 and 1 of Philox4x32-10 for kChains vectors of counters first + j + lane, interleaved:
-// one Philox chain is a sequence of dependent multiplies, several keep the multiplier busy.
+// The four words of Philox4x32-10 for kChains vectors of counters first + c + lane,
+// interleaved: one Philox chain is a sequence of dependent multiplies, several keep the
+// multiplier busy.
 template <int kChains>
-void philox_pair_words_vectors(uint32_t* w0, uint32_t* w1, int64_t j, const PhiloxLanes::V (&keys)[2][10], PhiloxLanes::V low_start,
-                               PhiloxLanes::V high_start) {
+void philox_words_vectors(uint32_t* const (&words)[4], int64_t c, const PhiloxLanes::V (&keys)[2][10], PhiloxLanes::V low_start,
+                          PhiloxLanes::V high_start) {
   using L = PhiloxLanes;
   using V = L::V;
   const V round_a = L::broadcast(kPhiloxRoundA), round_b = L::broadcast(kPhiloxRoundB), zero = L::broadcast(0);
   V c0[kChains], c1[kChains], c2[kChains], c3[kChains];
   for (int v = 0; v < kChains; ++v) {
-    c0[v] = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(j + v * L::kWidth)), L::lane_index()));
+    c0[v] = L::add(low_start, L::add(L::broadcast(static_cast<uint32_t>(c + v * L::kWidth)), L::lane_index()));
     c1[v] = L::add_carry(high_start, c0[v], low_start);
     // Round 0 with c2 = c3 = 0, whose product with round_b is 0.
     V high_a, low_a;
@@ -105,7 +106,7 @@ void philox_pair_words_vectors(uint32_t* w0, uint32_t* w1, int64_t j, const Phil
     c2[v] = L::xor3(high_a, zero, keys[1][0]);
     c3[v] = low_a;
   }
-  for (int round = 1; round < 9; ++round) {
+  for (int round = 1; round < 10; ++round) {
     for (int v = 0; v < kChains; ++v) {
       V high_a, low_a, high_b, low_b;
       L::multiply_wide(c2[v], round_b, high_b, low_b);
@@ -116,18 +117,18 @@ void philox_pair_words_vectors(uint32_t* w0, uint32_t* w1, int64_t j, const Phil
       c3[v] = low_a;
     }
   }
-  // Round 9 for words 0 and 1 only: they need c2's product, not c0's.
   for (int v = 0; v < kChains; ++v) {
-    V high_b, low_b;
-    L::multiply_wide(c2[v], round_b, high_b, low_b);
-    L::store(w0 + j + v * L::kWidth, L::xor3(high_b, c1[v], keys[0][9]));
-    L::store(w1 + j + v * L::kWidth, low_b);
+    const int64_t at = c + v * L::kWidth;
+    L::store(words[0] + at, c0[v]);
+    L::store(words[1] + at, c1[v]);
+    L::store(words[2] + at, c2[v]);
+    L::store(words[3] + at, c3[v]);
   }
 }
 
-// Words 0 and 1 for counters first + j, j in [0, n), n <= kTile: the lanes do whole vectors
-// and return how many they did; the caller finishes the rest one at a time.
-int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey key, uint64_t first) {
+// The words of counters first + c, c in [0, n): the lanes do whole vectors and return how many
+// counters they did; the caller finishes the rest one at a time.
+int64_t philox_words_lanes(uint32_t* const (&words)[4], int64_t n, PhiloxKey key, uint64_t first) {
   using L = PhiloxLanes;
   using V = L::V;
   constexpr int kChains = 4;
@@ -138,10 +139,10 @@ int64_t philox_pair_words_lanes(uint32_t* w0, uint32_t* w1, int64_t n, PhiloxKey
     keys[1][round] = L::broadcast(k1);
   }
   const V low_start = L::broadcast(static_cast<uint32_t>(first)), high_start = L::broadcast(static_cast<uint32_t>(first >> 32));
-  int64_t j = 0;
-  for (; j + kChains * L::kWidth <= n; j += kChains * L::kWidth) philox_pair_words_vectors<kChains>(w0, w1, j, keys, low_start, high_start);
-  for (; j + L::kWidth <= n; j += L::kWidth) philox_pair_words_vectors<1>(w0, w1, j, keys, low_start, high_start);
-  return j;
+  int64_t c = 0;
+  for (; c + kChains * L::kWidth <= n; c += kChains * L::kWidth) philox_words_vectors<kChains>(words, c, keys, low_start, high_start);
+  for (; c + L::kWidth <= n; c += L::kWidth) philox_words_vectors<1>(words, c, keys, low_start, high_start);
+  return c;
 }
 
 #endif

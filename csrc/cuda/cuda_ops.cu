@@ -2,9 +2,9 @@
 // a block reads its sample's coefficients once) and x grid-striding over groups of 4 consecutive
 // elements of the sample; a thread loads a group with one vector access (16 bytes of float32,
 // 8 of float16/bfloat16) when the sample's pointers allow it, element by element otherwise (the
-// last group of a sample, or a view whose samples start unaligned). The four Philox evaluations
-// of a group are independent, which gives each thread instruction-level parallelism to cover
-// the multiply latency.
+// last group of a sample, or a view whose samples start unaligned). A group's noise is one
+// Philox block of the stream (four normals) when its first position is a multiple of 4, parts
+// of two blocks otherwise.
 #include "cuda/cuda_ops.h"
 
 #include <cuda_runtime.h>
@@ -23,6 +23,7 @@ constexpr int64_t kMaxGridX = 1 << 16;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kLossGroupsPerThread = static_cast<int>(kLossTile / (kThreads * kGroup));
 static_assert(kLossTile % (kThreads * kGroup) == 0, "a loss tile is a whole number of groups per thread");
+static_assert(kGroup == kNormalsPerCounter, "a group's noise comes from stream_normal_group");
 
 template <class T>
 struct alignas(sizeof(T) * kGroup) Pack {
@@ -86,8 +87,7 @@ __device__ __forceinline__ void noise_group(const void* explicit_noise, bool sid
   if (explicit_noise != nullptr) {
     load_side_group<T>(explicit_noise, side_is_float, index, n, vector, z);
   } else {
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k) z[k] = k < n ? philox_normal(key, first + static_cast<uint64_t>(k)) : 0.0f;
+    stream_normal_group(key, first, n, z);
   }
 }
 
@@ -268,8 +268,16 @@ __global__ void __launch_bounds__(kThreads) loss_finish_kernel(const float* part
 
 __global__ void __launch_bounds__(kThreads) philox_normals_kernel(float* normals, int64_t numel, uint64_t seed, uint64_t offset) {
   const PhiloxKey key = philox_key(seed);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    normals[i] = philox_normal(key, offset + static_cast<uint64_t>(i));
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = g * kGroup;
+    const int n = group_size(j, numel);
+    float z[kGroup];
+    stream_normal_group(key, offset + static_cast<uint64_t>(j), n, z);
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      if (k < n) normals[j + k] = z[k];
+    }
   }
 }
 
@@ -342,8 +350,9 @@ void weighted_score_loss(const WeightedScoreLossArgs& args, float* partial_sums,
 
 void philox_normals(float* normals, int64_t numel, uint64_t seed, uint64_t offset, uintptr_t stream) {
   if (numel == 0) return;
-  philox_normals_kernel<<<static_cast<unsigned>(blocks_for(numel, kThreads, kMaxGridX)), kThreads, 0, as_stream(stream)>>>(normals, numel, seed,
-                                                                                                                        offset);
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  philox_normals_kernel<<<static_cast<unsigned>(blocks_for(groups, kThreads, kMaxGridX)), kThreads, 0, as_stream(stream)>>>(normals, numel, seed,
+                                                                                                                         offset);
   check_launch("philox_normals_kernel");
 }
 

@@ -1,11 +1,15 @@
 """The noise stream shared by every backend, in plain PyTorch.
 
-Element i of a draw with (seed, offset) is Triton's ``tl.randn(seed, offset + i)``:
-Philox4x32-10 with key (seed mod 2**32, seed >> 32) and counter (n mod 2**32, n >> 32, 0, 0)
-for n = offset + i; the first two output words become uniforms in [0, 1) through Triton's
-``uint_to_uniform_float`` and one Box-Muller normal ``sqrt(-2 log max(u1, 1e-7)) cos(2 pi u2)``.
+Positions come in blocks of four: position p of a draw with seed s is normal p mod 4 of
+Triton's ``tl.randn4x(s, p // 4)``. That is Philox4x32-10 with key (s mod 2**32, s >> 32) and
+counter (c mod 2**32, c >> 32, 0, 0) for c = p // 4; its four words become uniforms in [0, 1)
+through Triton's ``uint_to_uniform_float``, and Box-Muller turns words (0, 1) into normals 0 and
+1, ``r cos(2 pi u1)`` and ``r sin(2 pi u1)`` with ``r = sqrt(-2 log max(u0, 1e-7))``, and words
+(2, 3) into normals 2 and 3 the same way. An op drawing n values at offset o reads positions
+o .. o + n - 1, so consecutive draws never overlap whatever their sizes.
+
 The C++, CUDA and Triton kernels compute the same words bit for bit; the normals agree to float
-rounding of log/cos. Arithmetic here is in int64 with 16-bit limbs, so it runs on any device.
+rounding of log/sin/cos. Arithmetic here is in int64 with 16-bit limbs, so it runs on any device.
 """
 
 import torch
@@ -18,6 +22,7 @@ KEY_B = 0xBB67AE85
 UNIFORM_SCALE = 4.6566127342e-10
 MIN_UNIFORM = 1.0e-7
 TWO_PI = 6.283185307179586
+NORMALS_PER_COUNTER = 4
 
 
 def _mul_hi_lo(a: torch.Tensor, constant: int):
@@ -60,15 +65,28 @@ def philox_normal(seed: int, offset: int, numel: int, *, device=None, dtype=torc
     (float64 gives the oracle the kernels are compared with).
     """
     check_seed_offset(seed, offset, numel)
-    counters = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    w0, w1, _, _ = philox_words(seed, counters)
-    u1 = uniform_from_words(w0).to(dtype).clamp_min(MIN_UNIFORM)
-    u2 = uniform_from_words(w1).to(dtype)
+    lead = offset % NORMALS_PER_COUNTER
+    first_counter = offset // NORMALS_PER_COUNTER
+    counters = -(-(lead + numel) // NORMALS_PER_COUNTER)
+    words = philox_words(seed, torch.arange(first_counter, first_counter + counters, dtype=torch.int64, device=device))
+    radius_0, angle_0 = _box_muller_polar(words[0], words[1], dtype)
+    radius_2, angle_2 = _box_muller_polar(words[2], words[3], dtype)
+    blocks = torch.stack(
+        [radius_0 * torch.cos(angle_0), radius_0 * torch.sin(angle_0), radius_2 * torch.cos(angle_2), radius_2 * torch.sin(angle_2)],
+        dim=1,
+    )
+    return blocks.flatten()[lead:lead + numel]
+
+
+def _box_muller_polar(word_a: torch.Tensor, word_b: torch.Tensor, dtype: torch.dtype):
+    """Radius sqrt(-2 log max(u_a, 1e-7)) and angle 2 pi u_b, in ``dtype`` from float32 uniforms."""
+    u_a = uniform_from_words(word_a).to(dtype).clamp_min(MIN_UNIFORM)
+    u_b = uniform_from_words(word_b).to(dtype)
     if dtype == torch.float32:
-        angle = torch.tensor(TWO_PI, dtype=torch.float32, device=device) * u2
+        angle = torch.tensor(TWO_PI, dtype=torch.float32, device=u_b.device) * u_b
     else:
-        angle = TWO_PI * u2
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+        angle = TWO_PI * u_b
+    return torch.sqrt(-2.0 * torch.log(u_a)), angle
 
 
 def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:

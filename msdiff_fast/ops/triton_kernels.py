@@ -1,9 +1,9 @@
 """Triton backends of the fused ops: @triton.jit kernels, then host launchers, then registration.
 
 Every kernel loads its inputs in their own dtype, upcasts to float32 right after loading (bf16
-arithmetic without it is silently wrong) and rounds once on the store. Noise is ``tl.randn(seed,
-position)`` at int64 stream positions, which is the package's stream (see ``philox``): the
-counter is (position low 32 bits, position high 32 bits, 0, 0), the key the two halves of seed.
+arithmetic without it is silently wrong) and rounds once on the store. Noise is ``_stream_normal``
+at int64 stream positions, the package's stream (see ``philox``): normal position % 4 of
+``tl.randn4x(seed, position // 4)``.
 
 Launch shape, the same on GPU and under the interpreter: BLOCK = 1024 elements per program with
 4 warps, i.e. 8 elements per thread: two 16-byte vector accesses per float32 stream (one for
@@ -57,6 +57,23 @@ if triton is not None:
             # NaN payloads such as the GPU's 0x7FFFFFFF would carry into the sign bit: keep NaN.
             value = tl.where(value != value, value, rounded)
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _stream_normal(seed, positions):
+        """The stream at int64 positions: normal positions % 4 of tl.randn4x(seed, positions // 4).
+
+        Each element evaluates its block's Philox and keeps one Box-Muller value, the same work
+        per element as one tl.randn; sharing a block among four elements would need a 2-D tile
+        whose gains can only be measured on a GPU.
+        """
+        w0, w1, w2, w3 = tl.randint4x(seed, positions >> 2)
+        lane = positions & 3
+        second_pair = lane >= 2
+        u_radius = tl.maximum(1.0e-7, tl.random.uint_to_uniform_float(tl.where(second_pair, w2, w0)))
+        u_angle = tl.random.uint_to_uniform_float(tl.where(second_pair, w3, w1))
+        # Odd positions are the sin normals: sin(2 pi u) = cos(2 pi (u - 1/4)), one cos for all.
+        turns = u_angle - 0.25 * (lane & 1).to(tl.float32)
+        return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.cos(6.283185307179586 * turns)
 
     @triton.jit
     def _per_sample_coef(coefs_ptr, row_stride, column, sample, first_sample, in_next_sample, has_next_sample, mask,
@@ -147,7 +164,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = tl.randn(seed, offset.to(tl.int64) + offsets)
+                z = _stream_normal(seed, offset.to(tl.int64) + offsets)
             coef = _per_sample_coef(noise_coef_ptr, 1, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
             acc = acc + coef * z
         _store_rounded(out_ptr + offsets, acc, mask)
@@ -183,7 +200,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = tl.randn(seed, first_position + columns)
+                z = _stream_normal(seed, first_position + columns)
             value = scale * value + std * z
             if HAS_MU:
                 mu = tl.load(mu_ptr + sample * mu_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
@@ -282,7 +299,7 @@ if triton is not None:
         if USE_EXPLICIT_NOISE:
             z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = tl.randn(seed, offset.to(tl.int64) + sample * numel + columns)
+            z = _stream_normal(seed, offset.to(tl.int64) + sample * numel + columns)
 
         row = coefs_ptr + sample * coefs_batch_stride
         weight = tl.load(row)

@@ -2,7 +2,8 @@
 
 The noise is regenerated from (seed, offset) exactly as ``noise_inject`` drew it, so nothing of
 the forward diffusion is stored; the gradient with respect to the network output comes out of
-the same pass and the autograd backward only rescales it per sample (Liger-style fused loss).
+the same pass and the autograd backward only rescales it per sample (Liger-style fused loss), in
+place when the op reduces the batch itself (``reduction="mean"`` or ``"sum"``).
 """
 
 from typing import Optional, Tuple
@@ -38,6 +39,7 @@ def _weighted_score_loss(
     noise: Optional[torch.Tensor],
     target: Optional[torch.Tensor],
     backend: str,
+    scale_grad_in_place: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     loss = _loss_like(output)
     grad = torch.empty_like(output, memory_format=torch.contiguous_format)
@@ -47,23 +49,36 @@ def _weighted_score_loss(
 
 
 @_weighted_score_loss.register_fake
-def _(output, coefs, split, seed, offset, noise, target, backend):
+def _(output, coefs, split, seed, offset, noise, target, backend, scale_grad_in_place=False):
     return _loss_like(output), torch.empty_like(output, memory_format=torch.contiguous_format)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Under torch.compile, export or AOT tracing (which see fake or functional tensors)."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.scale_grad_in_place = inputs[-1]
     # Otherwise autograd fills an x-sized tensor of zeros for the gradient output's gradient.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     scale = grad_loss.reshape(grad.shape[0], *([1] * (grad.ndim - 1)))
-    return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None
+    if ctx.scale_grad_in_place and not _traced(grad):
+        # The reductions' path, as Liger's fused losses do: the wrapper never hands out the op's
+        # gradient, so it is scaled where it lies, without a second x-sized tensor (on the CPU
+        # its fresh pages cost more than the multiply). A second backward through a retained
+        # graph then fails autograd's version check instead of scaling twice. Traced graphs are
+        # functional: there the multiply is out of place and the compiler may fuse it.
+        return grad.mul_(scale), None, None, None, None, None, None, None, None
+    return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 _weighted_score_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -78,6 +93,7 @@ def weighted_score_loss(
     offset: int = 0,
     noise: Optional[torch.Tensor] = None,
     target: Optional[torch.Tensor] = None,
+    reduction: str = "none",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-sample loss [B]: sum over segments g of w * sum (output - k z - c target)^2.
@@ -87,7 +103,13 @@ def weighted_score_loss(
     without split, 2 with it. z for element j of sample b is stream position offset + b * D + j,
     or ``noise`` (like output). target: optional tensor like output (data/velocity targets).
     Differentiable in output; the gradient is computed in the forward pass.
+    reduction: "none" (the [B] losses), "mean" or "sum" over the batch (a scalar; "mean" puts the
+    1/B into the weights). The reductions' backward scales the forward's gradient in place: no
+    second x-sized tensor, but a graph kept with retain_graph=True cannot be differentiated twice
+    (autograd says so); "none" can.
     """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(describe("reduction", '"none", "mean" or "sum"', repr(reduction)))
     check_like(output, "output", output, "output")
     if output.ndim < 1 or output.shape[0] == 0:
         raise ValueError(describe("output", "a non-empty batch [B, ...]", f"shape {tuple(output.shape)}"))
@@ -104,5 +126,7 @@ def weighted_score_loss(
         check_seed_offset(seed, offset, output.numel())
     if target is not None:
         check_like(target, "target", output, "output", same_dtype=False)
-    loss, _ = _weighted_score_loss(output, coefs, split, seed, offset, noise, target, backend)
-    return loss
+    if reduction == "mean":
+        coefs = coefs * coefs.new_tensor([1.0 / batch, 1.0, 1.0])
+    loss, _ = _weighted_score_loss(output, coefs, split, seed, offset, noise, target, backend, reduction != "none")
+    return loss if reduction == "none" else loss.sum()

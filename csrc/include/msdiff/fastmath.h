@@ -1,13 +1,14 @@
-// float32 log and cos for the Box-Muller transform, as straight-line code: no branches, no
+// float32 log, sin and cos for the Box-Muller transform, as straight-line code: no branches, no
 // table lookups and no library calls, so a loop of them vectorises on the CPU (libm's logf/cosf
 // are scalar calls that stop the vectoriser) and runs unchanged on the GPU.
 //
 // Both are specialised to the ranges Box-Muller feeds them, which is what keeps them short:
 //   log_of_normal_float(x) for finite, positive, normal x (the uniform is clamped to >= 1e-7);
-//   cos_two_pi(u) = cos(2 pi u) for u in [0, 1], reduced by quarter turns of u, which is exact.
+//   sincos_two_pi(u) = sin and cos of 2 pi u for u in [0, 1], reduced by quarter turns of u, which
+//   is exact.
 // Polynomials are Cephes' logf and sinf/cosf minimax fits (Moshier, Cephes Math Library).
 // Checked against float64 for every float32 input of those ranges (with and without FMA
-// contraction): log within 0.83 ulp, cos within 1.1e-7 absolute, most of which is the float32
+// contraction): log within 0.83 ulp, sin and cos within 1.1e-7 absolute, most of which is the float32
 // rounding of 2 pi r. python_tests/test_compiled.py checks the resulting normals.
 #pragma once
 
@@ -46,7 +47,8 @@ MSDIFF_HD float log_of_normal_float(float x) {
   return (t + y) + kLn2High * e;
 }
 
-MSDIFF_HD float cos_two_pi(float u) {
+// cos(2 pi u) and sin(2 pi u) for u in [0, 1]: one reduction, both polynomials.
+MSDIFF_HD void sincos_two_pi(float u, float& sine, float& cosine) {
   // u = quarter / 4 + r with |r| <= 1/8: both the quarter count and r are exact in float32, so
   // the only rounding before the polynomials is that of 2 pi r (a relative 6e-8).
   const int32_t quarter = static_cast<int32_t>(4.0f * u + 0.5f);
@@ -61,10 +63,13 @@ MSDIFF_HD float cos_two_pi(float u) {
   sin_poly = sin_poly * t2 + 8.3321608736e-3f;
   sin_poly = sin_poly * t2 - 1.6666654611e-1f;
   const float sin_theta = theta + theta * t2 * sin_poly;
-  // cos(theta + quarter pi / 2) cycles through cos, -sin, -cos, sin.
+  // Adding quarter turns cycles (cos, sin) through (cos, sin), (-sin, cos), (-cos, -sin), (sin, -cos).
   const uint32_t turn = static_cast<uint32_t>(quarter) & 3u;
-  const float magnitude = (turn & 1u) ? sin_theta : cos_theta;
-  return (turn == 1u || turn == 2u) ? -magnitude : magnitude;
+  const bool swapped = (turn & 1u) != 0u;
+  const float cos_magnitude = swapped ? sin_theta : cos_theta;
+  const float sin_magnitude = swapped ? cos_theta : sin_theta;
+  cosine = (turn == 1u || turn == 2u) ? -cos_magnitude : cos_magnitude;
+  sine = (turn >= 2u) ? -sin_magnitude : sin_magnitude;
 }
 
 }  // namespace msdiff
