@@ -126,11 +126,4 @@ MSDIFF_HD void stream_normal_group(PhiloxKey key, uint64_t first, int n, float (
   }
 }
 
-// The stream's normal at 64-bit position `position` (the whole block computed, one kept).
-MSDIFF_HD float philox_normal(PhiloxKey key, uint64_t position) {
-  float z[kNormalsPerCounter];
-  philox_block_normals(key, position >> 2, z);
-  return select_normal(z, static_cast<uint32_t>(position) & 3u);
-}
-
 }  // namespace msdiff
