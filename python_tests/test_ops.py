@@ -236,11 +236,16 @@ def _op_args(op, backend, device, dtype):
     return torch.ops.msdiff_fast.weighted_score_loss.default, (x.requires_grad_(), c64(2, 2, 3), 6, 3, 4, None, None, backend, in_place)
 
 
-@pytest.mark.parametrize("op", ["mr_step", "noise_inject", "weighted_score_loss", "weighted_score_loss, grad scaled in place"])
-@pytest.mark.parametrize("backend,device,dtype", [c for c in runnable("mr_step") if c.values[2] in (torch.float32, torch.float64)])
+OPCHECK_CASES = [
+    pytest.param(op, *case.values, id=f"{op}-{case.id}")
+    for op in ("mr_step", "noise_inject", "weighted_score_loss", "weighted_score_loss, grad scaled in place")
+    for case in runnable(op.split(",")[0])
+    if case.values[2] in (torch.float32, torch.float64)
+]
+
+
+@pytest.mark.parametrize("op,backend,device,dtype", OPCHECK_CASES)
 def test_opcheck(op, backend, device, dtype):
-    if reason_unavailable(op.split(",")[0], backend, torch.device(device), dtype) is not None:
-        return
     fn, args = _op_args(op, backend, device, dtype)
     torch.library.opcheck(fn, args)
 
