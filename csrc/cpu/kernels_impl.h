@@ -72,15 +72,14 @@ const float* fill_normals(float* __restrict__ scratch, int64_t n, PhiloxKey key,
   return scratch + lead;
 }
 
-// The noise of a tile: the explicit tensor's values or the stream's, in scratch; returns where
-// they start.
+// The noise of a tile: float32 explicit noise where it lies, 16-bit explicit noise widened into
+// scratch, or the stream's normals in scratch; returns where the tile's values start.
 template <class T>
 const float* fill_noise(float* scratch, int64_t n, const void* explicit_noise, bool side_is_float, PhiloxKey key, uint64_t first) {
-  if (explicit_noise != nullptr) {
-    widen_side<T>(scratch, explicit_noise, side_is_float, n);
-    return scratch;
-  }
-  return fill_normals(scratch, n, key, first);
+  if (explicit_noise == nullptr) return fill_normals(scratch, n, key, first);
+  if (side_is_float || std::is_same_v<T, float>) return static_cast<const float*>(explicit_noise);
+  widen(scratch, static_cast<const T*>(explicit_noise), n);
+  return scratch;
 }
 
 // base + elements for a side input stored as T or as float32 (null stays null).
