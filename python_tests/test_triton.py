@@ -72,11 +72,14 @@ def test_randint4x_words_are_the_package_philox_bit_for_bit(seed, offset):
         assert torch.equal(words[k].cpu(), want[k]), f"word {k} differs"
 
 
+@pytest.mark.parametrize("channels", [3, 4])
 @pytest.mark.parametrize("seed,offset", SEEDS_AND_OFFSETS)
-def test_every_kernel_draws_the_package_noise(seed, offset):
-    """z from each op equals philox_normal to float32 rounding of log/cos, at the documented positions."""
-    batch, shape = 2, (3, 10, 21)
-    numel = batch * 630
+def test_every_kernel_draws_the_package_noise(seed, offset, channels):
+    """z from each op equals philox_normal to float32 rounding of log/cos, at the documented
+    positions: with 4 channels (840 per sample) and offsets divisible by 4 every block starts on
+    a Philox counter (one tl.randn4x per row), with 3 (630) or odd offsets it does not."""
+    batch, shape = 2, (channels, 10, 21)
+    numel = batch * channels * 210
     want32 = philox_normal(seed, offset, numel).to(DEVICE)
     want64 = philox_normal(seed, offset, numel, dtype=torch.float64).to(DEVICE)
 
@@ -85,7 +88,7 @@ def test_every_kernel_draws_the_package_noise(seed, offset):
                      torch.ones(batch, dtype=torch.float64, device=DEVICE), seed=seed, offset=offset, backend="triton")
 
     # noise_inject: x then y per sample, i.e. the flat index of cat(x_t, y_t).
-    x0, y0 = torch.zeros(batch, 2, 10, 21, device=DEVICE), torch.zeros(batch, 1, 10, 21, device=DEVICE)
+    x0, y0 = torch.zeros(batch, 2, 10, 21, device=DEVICE), torch.zeros(batch, channels - 2, 10, 21, device=DEVICE)
     pure_noise = torch.tensor([[0.0, 1.0]] * batch, dtype=torch.float64, device=DEVICE)
     x_t, y_t = noise_inject(x0, pure_noise, y0, pure_noise, seed=seed, offset=offset, backend="triton")
     z_inject = torch.cat([x_t, y_t], dim=1)

@@ -1,16 +1,18 @@
 """Triton backends of the fused ops: @triton.jit kernels, then host launchers, then registration.
 
 Every kernel loads its inputs in their own dtype, upcasts to float32 right after loading (bf16
-arithmetic without it is silently wrong) and rounds once on the store. Noise is ``_stream_normal``
-at int64 stream positions, the package's stream (see ``philox``): normal position % 4 of
-``tl.randn4x(seed, position // 4)``.
+arithmetic without it is silently wrong) and rounds once on the store. Noise is the package's
+stream (see ``philox``): position p is normal p % 4 of ``tl.randn4x(seed, p // 4)``.
 
 Launch shape, the same on GPU and under the interpreter: BLOCK = 1024 elements per program with
-4 warps, i.e. 8 elements per thread: two 16-byte vector accesses per float32 stream (one for
-16-bit dtypes; the compiled PTX shows ld.global.v4 when sizes are multiples of 16), several
-independent Philox evaluations per thread to overlap their latency, and few programs, which is
-what the interpreter's cost scales with. This is the common default for bandwidth-bound
-elementwise Triton kernels; it is not autotuned (no GPU to tune on where this was written).
+4 warps, i.e. 8 elements per thread, held as a [BLOCK // 4, 4] tile whose rows are the four
+positions of one Philox counter. Where a block's first stream position is a multiple of 4
+(ALIGNED: offsets and per-sample sizes divisible by 4, the usual case) a row's noise is one
+tl.randn4x; otherwise each element evaluates its own counter (``_stream_normal``). Rows are 16
+contiguous bytes of float32, so loads stay vector accesses (the compiled PTX of the 1-D version
+showed ld.global.v4 when sizes are multiples of 16); few programs keep the interpreter's cost
+down. This is the common default for bandwidth-bound elementwise Triton kernels; it is not
+autotuned, and the tile's effect on GPU speed is unmeasured (no GPU where this was written).
 
 The package imports without triton: the backend then reports why it cannot run.
 """
@@ -63,8 +65,7 @@ if triton is not None:
         """The stream at int64 positions: normal positions % 4 of tl.randn4x(seed, positions // 4).
 
         Each element evaluates its block's Philox and keeps one Box-Muller value, the same work
-        per element as one tl.randn; sharing a block among four elements would need a 2-D tile
-        whose gains can only be measured on a GPU.
+        per element as one tl.randn: the path for tiles whose positions do not start on a block.
         """
         w0, w1, w2, w3 = tl.randint4x(seed, positions >> 2)
         lane = positions & 3
@@ -74,6 +75,26 @@ if triton is not None:
         # Odd positions are the sin normals: sin(2 pi u) = cos(2 pi (u - 1/4)), one cos for all.
         turns = u_angle - 0.25 * (lane & 1).to(tl.float32)
         return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.cos(6.283185307179586 * turns)
+
+    @triton.jit
+    def _tile(BLOCK: tl.constexpr):
+        """0 .. BLOCK - 1 as a [BLOCK // 4, 4] tile: a row is the four positions of one counter."""
+        return tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+
+    @triton.jit
+    def _tile_noise(seed, first_position, tile_start, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        """The stream at first_position + tile_start + _tile(BLOCK).
+
+        ALIGNED (first_position + tile_start a multiple of 4): one tl.randn4x per row, i.e. a
+        quarter of the Philox work and half the logarithms of a draw per element.
+        """
+        start = first_position + tile_start
+        if ALIGNED:
+            n0, n1, n2, n3 = tl.randn4x(seed, (start >> 2) + tl.arange(0, BLOCK // 4))
+            lane = tl.arange(0, 4)[None, :]
+            return tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))
+        else:
+            return _stream_normal(seed, start + _tile(BLOCK))
 
     @triton.jit
     def _per_sample_coef(coefs_ptr, row_stride, column, sample, first_sample, in_next_sample, has_next_sample, mask,
@@ -114,6 +135,7 @@ if triton is not None:
         HAS_NOISE: tl.constexpr,
         USE_EXPLICIT_NOISE: tl.constexpr,
         SAMPLE_SPANS_BLOCK: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """out = coefs[b, 0] x + sum_k coefs[b, k + 1] term_k (+ noise_coef[b] z) over flat x.
@@ -125,10 +147,11 @@ if triton is not None:
         """
         pid = tl.program_id(0).to(tl.int64)
         block_start = pid * BLOCK
-        offsets = block_start + tl.arange(0, BLOCK)
+        local = _tile(BLOCK)
+        offsets = block_start + local
         mask = offsets < numel
         first_sample = block_start // per_sample_numel
-        within_first = (block_start - first_sample * per_sample_numel) + tl.arange(0, BLOCK)
+        within_first = (block_start - first_sample * per_sample_numel) + local
         in_next_sample = within_first >= per_sample_numel
         has_next_sample = first_sample + 1 < batch
         if SAMPLE_SPANS_BLOCK:
@@ -164,7 +187,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = _stream_normal(seed, offset.to(tl.int64) + offsets)
+                z = _tile_noise(seed, offset.to(tl.int64), block_start, ALIGNED, BLOCK)
             coef = _per_sample_coef(noise_coef_ptr, 1, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
             acc = acc + coef * z
         _store_rounded(out_ptr + offsets, acc, mask)
@@ -188,10 +211,11 @@ if triton is not None:
         HAS_MU: tl.constexpr,
         NOISY: tl.constexpr,
         USE_EXPLICIT_NOISE: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One block of one sample: a src + (1 - a) mu + s z, or a plain copy when not NOISY."""
-        columns = block * BLOCK + tl.arange(0, BLOCK)
+        columns = block * BLOCK + _tile(BLOCK)
         mask = columns < numel
         value = tl.load(src_ptr + sample * src_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         if NOISY:
@@ -200,7 +224,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = _stream_normal(seed, first_position + columns)
+                z = _tile_noise(seed, first_position, block * BLOCK, ALIGNED, BLOCK)
             value = scale * value + std * z
             if HAS_MU:
                 mu = tl.load(mu_ptr + sample * mu_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
@@ -235,6 +259,7 @@ if triton is not None:
         HAS_MU: tl.constexpr,
         NOISY_Y: tl.constexpr,
         USE_EXPLICIT_NOISE: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Program p handles block p % (x_blocks + y_blocks) of sample p // (x_blocks + y_blocks).
@@ -252,14 +277,14 @@ if triton is not None:
             _diffuse_block(
                 out_x_ptr, out_x_batch_stride, x_ptr, x_batch_stride, mu_ptr, mu_batch_stride,
                 noise_x_ptr, noise_x_batch_stride, x_coefs_ptr, sample, block, x_numel, first_position, seed,
-                HAS_MU=HAS_MU, NOISY=True, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, BLOCK=BLOCK,
+                HAS_MU=HAS_MU, NOISY=True, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, ALIGNED=ALIGNED, BLOCK=BLOCK,
             )
         else:
             _diffuse_block(
                 out_y_ptr, out_y_batch_stride, y_ptr, y_batch_stride, y_ptr, y_batch_stride,
                 noise_y_ptr, noise_y_batch_stride, y_coefs_ptr, sample, block - x_blocks, y_numel,
                 first_position + x_numel, seed,
-                HAS_MU=False, NOISY=NOISY_Y, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, BLOCK=BLOCK,
+                HAS_MU=False, NOISY=NOISY_Y, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, ALIGNED=ALIGNED, BLOCK=BLOCK,
             )
 
     @triton.jit(**_RUNTIME_VALUES)
@@ -283,6 +308,7 @@ if triton is not None:
         HAS_SPLIT: tl.constexpr,
         USE_EXPLICIT_NOISE: tl.constexpr,
         HAS_TARGET: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Gradient of one block and its partial loss, stored at partial_loss[sample, block].
@@ -292,14 +318,14 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         sample = pid // blocks_per_sample
         block = pid % blocks_per_sample
-        columns = block * BLOCK + tl.arange(0, BLOCK)
+        columns = block * BLOCK + _tile(BLOCK)
         mask = columns < numel
 
         output = tl.load(output_ptr + sample * output_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         if USE_EXPLICIT_NOISE:
             z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = _stream_normal(seed, offset.to(tl.int64) + sample * numel + columns)
+            z = _tile_noise(seed, offset.to(tl.int64) + sample * numel, block * BLOCK, ALIGNED, BLOCK)
 
         row = coefs_ptr + sample * coefs_batch_stride
         weight = tl.load(row)
@@ -319,7 +345,7 @@ if triton is not None:
         residual = tl.where(mask, output - wanted, 0.0)
         grad = 2.0 * weight * residual
         _store_rounded(grad_ptr + sample * grad_batch_stride + columns, grad, mask)
-        tl.store(partial_loss_ptr + pid, tl.sum(weight * residual * residual, axis=0))
+        tl.store(partial_loss_ptr + pid, tl.sum(tl.sum(weight * residual * residual, axis=1), axis=0))
 
     _INTERPRETED = type(_mr_step_kernel).__name__ == "InterpretedFunction"
 else:
@@ -394,7 +420,7 @@ def _mr_step(out, x, terms: Sequence[torch.Tensor], coefs, noise_coef, seed: int
         _mr_step_kernel[grid](
             out, x, *term_slots, coefs, noise_coef, noise, numel, per_sample_numel, batch, seed, offset,
             NUM_TERMS=len(terms), HAS_NOISE=has_noise, USE_EXPLICIT_NOISE=use_explicit_noise,
-            SAMPLE_SPANS_BLOCK=per_sample_numel >= BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            SAMPLE_SPANS_BLOCK=per_sample_numel >= BLOCK, ALIGNED=offset % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
 
@@ -435,7 +461,7 @@ def _noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed: int, offset:
             out_y, out_y_stride, y0, y_stride, noise_y, noise_y_stride, y_coefs, y_numel, y_blocks,
             positions_per_sample, seed, offset,
             HAS_MU=has_mu, NOISY_Y=noisy_y, USE_EXPLICIT_NOISE=use_explicit_noise,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=offset % 4 == 0 and positions_per_sample % 4 == 0 and x_numel % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
 
@@ -458,7 +484,7 @@ def _weighted_score_loss(loss, grad, output, coefs, split: Optional[int], seed: 
                 noise, noise_stride, target, target_stride, numel, blocks_per_sample,
                 0 if split is None else split, seed, offset,
                 HAS_SPLIT=split is not None, USE_EXPLICIT_NOISE=use_explicit_noise, HAS_TARGET=has_target,
-                BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=offset % 4 == 0 and numel % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
             )
     # A fixed-order sum over the [batch, blocks] partials: bitwise reproducible, unlike atomics.
     torch.sum(partial_loss, dim=1, out=loss)
