@@ -336,3 +336,19 @@ def test_weighted_score_loss_reductions(backend, device, dtype):
     assert_close_to_oracle(scaled_grad, (forward_grad * scale).to(dtype), grad64.to(device) * scale.double(), atol_for(dtype))
     with pytest.raises(ValueError, match="reduction"):
         weighted_score_loss(output, coefs, reduction="avg")
+
+
+def test_weighted_score_loss_reduction_backward_can_be_differentiated():
+    """create_graph=True records the backward: the reduced loss then scales out of place, and the
+    gradient's own derivative with respect to the upstream scale is the forward's gradient."""
+    output = torch.randn(3, 2, 5, requires_grad=True)
+    coefs = torch.rand(3, 1, 3, dtype=torch.float64)
+    scale = torch.tensor(2.0, requires_grad=True)
+    loss = weighted_score_loss(output, coefs, seed=4, offset=8, reduction="sum", backend="cpu")
+    (grad,) = torch.autograd.grad(loss * scale, output, create_graph=True)
+    _, forward_grad = torch.ops.msdiff_fast.weighted_score_loss(output.detach(), coefs, None, 4, 8, None, None, "cpu")
+    assert torch.allclose(grad, 2 * forward_grad)
+    (d_scale,) = torch.autograd.grad(grad.sum(), scale)
+    assert torch.allclose(d_scale, forward_grad.sum())
+    (again,) = torch.autograd.grad(loss, output)  # the saved gradient was left untouched
+    assert torch.equal(again, forward_grad)

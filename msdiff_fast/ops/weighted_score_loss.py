@@ -71,12 +71,13 @@ def _backward(ctx, grad_loss, _grad_of_grad):
         return None, None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     scale = grad_loss.reshape(grad.shape[0], *([1] * (grad.ndim - 1)))
-    if ctx.scale_grad_in_place and not _traced(grad):
+    if ctx.scale_grad_in_place and not torch.is_grad_enabled() and not _traced(grad):
         # The reductions' path, as Liger's fused losses do: the wrapper never hands out the op's
         # gradient, so it is scaled where it lies, without a second x-sized tensor (on the CPU
         # its fresh pages cost more than the multiply). A second backward through a retained
         # graph then fails autograd's version check instead of scaling twice. Traced graphs are
-        # functional: there the multiply is out of place and the compiler may fuse it.
+        # functional, and create_graph=True records the backward: there the multiply is out of
+        # place (and the compiler may fuse it).
         return grad.mul_(scale), None, None, None, None, None, None, None, None
     return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None, None
 
@@ -106,7 +107,7 @@ def weighted_score_loss(
     reduction: "none" (the [B] losses), "mean" or "sum" over the batch (a scalar; "mean" puts the
     1/B into the weights). The reductions' backward scales the forward's gradient in place: no
     second x-sized tensor, but a graph kept with retain_graph=True cannot be differentiated twice
-    (autograd says so); "none" can.
+    (autograd says so); "none" can, and create_graph=True works with both.
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(describe("reduction", '"none", "mean" or "sum"', repr(reduction)))
