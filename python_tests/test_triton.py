@@ -9,6 +9,7 @@ kernel variant the launchers produce for sm_80 and sm_90, which needs no GPU.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -296,21 +297,24 @@ def _record_launches():
 
     # Each constexpr branch at least once, each store dtype at least once (bfloat16 has its own
     # rounding path); fewer variants keep the uncached compile time down (~1 s per variant).
+    # The stream's noise from offsets divisible by 4 (ALIGNED) and not, for each kernel.
     mr_step_cases = [
-        (1, None, 4096, torch.bfloat16),
-        (8, "philox", 4096, torch.bfloat16),
-        (8, "philox", 4096, torch.float32),
-        (3, "explicit", 100, torch.float16),
+        (1, None, 4096, torch.bfloat16, 2**33),
+        (8, "philox", 4096, torch.bfloat16, 2**33),
+        (8, "philox", 4096, torch.float32, 2**33),
+        (8, "philox", 4096, torch.float32, 2**33 + 1),
+        (3, "explicit", 100, torch.float16, 2**33),
     ]
-    for num_terms, noise_kind, per_sample, dtype in mr_step_cases:
+    for num_terms, noise_kind, per_sample, dtype, offset in mr_step_cases:
         x = torch.randn(2, per_sample).to(dtype)
         terms = [torch.randn(2, per_sample).to(dtype) for _ in range(num_terms)]
         noise = torch.randn(2, per_sample) if noise_kind == "explicit" else None
-        triton_kernels._mr_step(torch.empty_like(x), x, terms, c64(2, num_terms + 1), c64(2) if noise_kind else None, 2**40, 2**33, noise)
+        triton_kernels._mr_step(torch.empty_like(x), x, terms, c64(2, num_terms + 1), c64(2) if noise_kind else None, 2**40, offset, noise)
 
     noisy = (torch.bfloat16, c64(2, 2), torch.randn(2, 3, 32, 32), None, (2**40, 2**33))
+    noisy_unaligned = (torch.bfloat16, c64(2, 2), torch.randn(2, 3, 32, 32), None, (2**40, 2**33 + 2))
     clean = (torch.float32, None, None, torch.randn(2, 3, 32, 32), (5, 6))
-    for dtype, y_coefs, mu, noise_x, (seed, offset) in (noisy, clean):
+    for dtype, y_coefs, mu, noise_x, (seed, offset) in (noisy, noisy_unaligned, clean):
         x0, y0 = torch.randn(2, 3, 32, 32).to(dtype), torch.randn(2, 1, 32, 32).to(dtype)
         mu = None if mu is None else mu.to(dtype)
         buffer = torch.empty(2, 4, 32, 32, dtype=dtype)
@@ -319,8 +323,34 @@ def _record_launches():
     output = torch.randn(2, 4, 32, 32)
     loss, grad = torch.empty(2), torch.empty_like(output)
     triton_kernels._weighted_score_loss(loss, grad.bfloat16(), output.bfloat16(), c64(2, 2, 3), 3072, 2**40, 7, None, output)
+    triton_kernels._weighted_score_loss(loss, grad.bfloat16(), output.bfloat16(), c64(2, 2, 3), 3072, 2**40, 8, None, output)
     triton_kernels._weighted_score_loss(loss, grad, output, c64(2, 1, 3), None, 0, 0, output.double(), None)
     return launches
+
+
+def _code_counts(binary) -> dict:
+    """What a compiled kernel does, read from its TTGIR and PTX."""
+    ttgir, ptx = binary.asm["ttgir"], binary.asm["ptx"]
+    return {
+        "layout conversions": ttgir.count("convert_layout"),
+        "32-bit high multiplies (Philox)": len(re.findall(r"mul\.hi\.u32", ptx)),
+        "16-byte loads": len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
+    }
+
+
+def _check_noise_code(counts: dict) -> None:
+    """ALIGNED variants evaluate one Philox per four elements (a quarter of the multiplies of the
+    per-element path), flattening the noise tile moves nothing between threads, and loads stay
+    16-byte vectors."""
+    for name in ("_mr_step_kernel", "_noise_inject_kernel", "_weighted_score_loss_kernel"):
+        multiplies = {}
+        for aligned in (True, False):
+            variants = [(dtype, c) for (kernel, a, dtype), cs in counts.items() if kernel == name and a == aligned for c in cs]
+            multiplies[aligned] = min(c["32-bit high multiplies (Philox)"] for _, c in variants)
+            for dtype, c in variants:
+                assert c["layout conversions"] == 0, f"{name} ({dtype}): {c}"
+                assert c["16-byte loads"] > 0, f"{name} ({dtype}): {c}"
+        assert 4 * multiplies[True] <= multiplies[False], f"{name}: Philox multiplies aligned {multiplies[True]}, unaligned {multiplies[False]}"
 
 
 def _compile_for_gpus(archs=(80, 90)):
@@ -329,7 +359,7 @@ def _compile_for_gpus(archs=(80, 90)):
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
-    compiled = set()
+    compiled, counts = set(), {}
     for kernel, args, kwargs in _record_launches():
         kwargs = dict(kwargs)
         options = {"num_warps": kwargs.pop("num_warps")}
@@ -353,7 +383,13 @@ def _compile_for_gpus(archs=(80, 90)):
             binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options)
             assert binary.asm["cubin"], f"{kernel.__name__}: no cubin for sm_{arch}"
         compiled.add(key)
+        if not constexprs.get("USE_EXPLICIT_NOISE", True) and constexprs.get("HAS_NOISE", True):
+            dtype = next(signature[p] for p in ("out_ptr", "out_x_ptr", "grad_ptr") if p in signature)
+            counts.setdefault((kernel.__name__, constexprs["ALIGNED"], dtype), []).append(_code_counts(binary))
     print(f"compiled {len(compiled)} kernel variants for sm_{', sm_'.join(map(str, archs))}")
+    for (name, aligned, dtype), variants in sorted(counts.items()):
+        print(f"{name} {dtype} {'aligned' if aligned else 'unaligned'}: {variants}")
+    _check_noise_code(counts)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@ arithmetic without it is silently wrong) and rounds once on the store. Noise is 
 stream (see ``philox``): position p is normal p % 4 of ``tl.randn4x(seed, p // 4)``.
 
 Launch shape, the same on GPU and under the interpreter: BLOCK = 1024 elements per program with
-4 warps, i.e. 8 elements per thread, held as a [BLOCK // 4, 4] tile whose rows are the four
-positions of one Philox counter. Where a block's first stream position is a multiple of 4
-(ALIGNED: offsets and per-sample sizes divisible by 4, the usual case) a row's noise is one
-tl.randn4x; otherwise each element evaluates its own counter (``_stream_normal``). Rows are 16
-contiguous bytes of float32, so loads stay vector accesses (the compiled PTX of the 1-D version
-showed ld.global.v4 when sizes are multiples of 16); few programs keep the interpreter's cost
-down. This is the common default for bandwidth-bound elementwise Triton kernels; it is not
-autotuned, and the tile's effect on GPU speed is unmeasured (no GPU where this was written).
+4 warps, i.e. 8 elements per thread: two 16-byte vector accesses per float32 stream (one for
+16-bit dtypes; test_triton.py checks the PTX), and few programs, which is what the
+interpreter's cost scales with. Where a block's first stream position is a multiple of 4
+(ALIGNED: offsets and per-sample sizes divisible by 4, the usual case) its noise is one
+tl.randn4x per four elements; otherwise each element evaluates its own counter
+(``_stream_normal``). This is the common default for bandwidth-bound elementwise Triton kernels;
+it is not autotuned, and the GPU speed of the four-normal draw is unmeasured (no GPU where this
+was written).
 
 The package imports without triton: the backend then reports why it cannot run.
 """
@@ -65,7 +65,7 @@ if triton is not None:
         """The stream at int64 positions: normal positions % 4 of tl.randn4x(seed, positions // 4).
 
         Each element evaluates its block's Philox and keeps one Box-Muller value, the same work
-        per element as one tl.randn: the path for tiles whose positions do not start on a block.
+        per element as one tl.randn: the path for blocks whose first position is not a multiple of 4.
         """
         w0, w1, w2, w3 = tl.randint4x(seed, positions >> 2)
         lane = positions & 3
@@ -77,24 +77,23 @@ if triton is not None:
         return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.cos(6.283185307179586 * turns)
 
     @triton.jit
-    def _tile(BLOCK: tl.constexpr):
-        """0 .. BLOCK - 1 as a [BLOCK // 4, 4] tile: a row is the four positions of one counter."""
-        return tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    def _block_noise(seed, first_position, block_start, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        """The stream at first_position + block_start + 0 .. BLOCK - 1.
 
-    @triton.jit
-    def _tile_noise(seed, first_position, tile_start, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        """The stream at first_position + tile_start + _tile(BLOCK).
-
-        ALIGNED (first_position + tile_start a multiple of 4): one tl.randn4x per row, i.e. a
-        quarter of the Philox work and half the logarithms of a draw per element.
+        ALIGNED (first_position + block_start a multiple of 4): one tl.randn4x per four positions,
+        a quarter of the Philox work and half the logarithms of a draw per element. Drawn as a
+        [BLOCK // 4, 4] tile with the counters as a column, so that a thread evaluates the Philox
+        of the rows it holds, then flattened in order: the compiled code moves nothing between
+        threads (test_triton.py checks the TTGIR and PTX).
         """
-        start = first_position + tile_start
+        start = first_position + block_start
         if ALIGNED:
-            n0, n1, n2, n3 = tl.randn4x(seed, (start >> 2) + tl.arange(0, BLOCK // 4))
+            n0, n1, n2, n3 = tl.randn4x(seed, (start >> 2) + tl.arange(0, BLOCK // 4)[:, None])
             lane = tl.arange(0, 4)[None, :]
-            return tl.where(lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))
+            tile = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+            return tl.reshape(tile, [BLOCK])
         else:
-            return _stream_normal(seed, start + _tile(BLOCK))
+            return _stream_normal(seed, start + tl.arange(0, BLOCK))
 
     @triton.jit
     def _per_sample_coef(coefs_ptr, row_stride, column, sample, first_sample, in_next_sample, has_next_sample, mask,
@@ -147,11 +146,10 @@ if triton is not None:
         """
         pid = tl.program_id(0).to(tl.int64)
         block_start = pid * BLOCK
-        local = _tile(BLOCK)
-        offsets = block_start + local
+        offsets = block_start + tl.arange(0, BLOCK)
         mask = offsets < numel
         first_sample = block_start // per_sample_numel
-        within_first = (block_start - first_sample * per_sample_numel) + local
+        within_first = (block_start - first_sample * per_sample_numel) + tl.arange(0, BLOCK)
         in_next_sample = within_first >= per_sample_numel
         has_next_sample = first_sample + 1 < batch
         if SAMPLE_SPANS_BLOCK:
@@ -187,7 +185,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = _tile_noise(seed, offset.to(tl.int64), block_start, ALIGNED, BLOCK)
+                z = _block_noise(seed, offset.to(tl.int64), block_start, ALIGNED, BLOCK)
             coef = _per_sample_coef(noise_coef_ptr, 1, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
             acc = acc + coef * z
         _store_rounded(out_ptr + offsets, acc, mask)
@@ -215,7 +213,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         """One block of one sample: a src + (1 - a) mu + s z, or a plain copy when not NOISY."""
-        columns = block * BLOCK + _tile(BLOCK)
+        columns = block * BLOCK + tl.arange(0, BLOCK)
         mask = columns < numel
         value = tl.load(src_ptr + sample * src_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         if NOISY:
@@ -224,7 +222,7 @@ if triton is not None:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
             else:
-                z = _tile_noise(seed, first_position, block * BLOCK, ALIGNED, BLOCK)
+                z = _block_noise(seed, first_position, block * BLOCK, ALIGNED, BLOCK)
             value = scale * value + std * z
             if HAS_MU:
                 mu = tl.load(mu_ptr + sample * mu_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
@@ -318,14 +316,14 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         sample = pid // blocks_per_sample
         block = pid % blocks_per_sample
-        columns = block * BLOCK + _tile(BLOCK)
+        columns = block * BLOCK + tl.arange(0, BLOCK)
         mask = columns < numel
 
         output = tl.load(output_ptr + sample * output_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         if USE_EXPLICIT_NOISE:
             z = tl.load(noise_ptr + sample * noise_batch_stride + columns, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = _tile_noise(seed, offset.to(tl.int64) + sample * numel, block * BLOCK, ALIGNED, BLOCK)
+            z = _block_noise(seed, offset.to(tl.int64) + sample * numel, block * BLOCK, ALIGNED, BLOCK)
 
         row = coefs_ptr + sample * coefs_batch_stride
         weight = tl.load(row)
@@ -345,7 +343,7 @@ if triton is not None:
         residual = tl.where(mask, output - wanted, 0.0)
         grad = 2.0 * weight * residual
         _store_rounded(grad_ptr + sample * grad_batch_stride + columns, grad, mask)
-        tl.store(partial_loss_ptr + pid, tl.sum(tl.sum(weight * residual * residual, axis=1), axis=0))
+        tl.store(partial_loss_ptr + pid, tl.sum(weight * residual * residual, axis=0))
 
     _INTERPRETED = type(_mr_step_kernel).__name__ == "InterpretedFunction"
 else:
