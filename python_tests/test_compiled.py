@@ -14,7 +14,7 @@ import torch
 
 from msdiff_fast.ops import backends, compiled, mr_step, noise_inject, philox_normal, reference, weighted_score_loss
 from msdiff_fast.ops.dispatch import reason_unavailable
-from msdiff_fast.ops.philox import MIN_UNIFORM, TWO_PI, philox_words, uniform_from_words
+from msdiff_fast.ops.philox import counter_normals, philox_words
 
 needs_cpu_module = pytest.mark.skipif(compiled._C is None, reason=str(compiled.CPU_IMPORT_ERROR))
 CASES = [("cpu", "cpu")] + ([("cuda", "cuda")] if torch.cuda.is_available() else [])
@@ -101,17 +101,6 @@ def test_normals_use_the_same_words_on_simd_lanes(instruction_set, seed, offset,
     assert_matches(got, philox_normal(seed, offset, numel, dtype=torch.float64), 2e-6)
 
 
-def box_muller(words, dtype):
-    """The stream's four normals per counter from its words in `dtype` (philox.philox_normal's formula)."""
-    normals = []
-    for first, second in ((0, 1), (2, 3)):
-        u_radius = uniform_from_words(words[first]).to(dtype).clamp_min(MIN_UNIFORM)
-        angle = torch.tensor(TWO_PI, dtype=dtype) * uniform_from_words(words[second]).to(dtype)
-        radius = torch.sqrt(-2.0 * torch.log(u_radius))
-        normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
-    return torch.stack(normals, dim=1).flatten()
-
-
 @needs_cpu_module
 def test_polynomial_log_sin_and_cos_are_float32_accurate(instruction_set):
     """Box-Muller with the kernels' own log/sin/cos against float64, over 2**21 draws: within 1e-6
@@ -121,10 +110,10 @@ def test_polynomial_log_sin_and_cos_are_float32_accurate(instruction_set):
     compiled._C.philox_normals(got, seed, offset, 2)
     words = torch.empty(4, numel // 4, dtype=torch.int64)
     compiled._C.philox_words(words, seed, offset // 4)  # bit-exact: test_philox_words_are_bit_exact
-    want = box_muller(words, torch.float64)
+    want = counter_normals(words, torch.float64)
     err = (got.double() - want).abs()
     assert err[want.abs() < 5].max().item() < 1e-6
-    assert err.max().item() <= (box_muller(words, torch.float32).double() - want).abs().max().item()
+    assert err.max().item() <= (counter_normals(words, torch.float32).double() - want).abs().max().item()
 
 
 @needs_cpu_module

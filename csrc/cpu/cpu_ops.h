@@ -17,10 +17,10 @@ void noise_inject(const NoiseInjectArgs& args, int num_threads);
 void weighted_score_loss(const WeightedScoreLossArgs& args, int num_threads);
 // normals[i] = the stream at offset + i.
 void philox_normals(float* normals, int64_t numel, uint64_t seed, uint64_t offset, int num_threads);
-// words[w * numel + i] = word w of Philox4x32-10 at counter offset + i (the stream's raw bits).
 // The same through msdiff/philox.h's stream_normal_group, four positions at a time as the CUDA
 // kernels draw them: compiled for the host so that the tests can check it without a GPU.
 void philox_normal_groups(float* normals, int64_t numel, uint64_t seed, uint64_t offset);
+// words[w * numel + i] = word w of Philox4x32-10 at counter offset + i (the stream's raw bits).
 void philox_words(int64_t* words, int64_t numel, uint64_t seed, uint64_t offset);
 
 // The instruction sets this build and this CPU can run ("avx512", "avx2+fma", "baseline"), best first.

@@ -23,14 +23,13 @@ void widen(float* __restrict__ dst, const T* __restrict__ src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
 }
 
-// A side input (explicit noise or target) stored as T or as float32.
+// n float32 values of a side input (explicit noise or target) stored as T or as float32: read
+// where they lie when they are float32, widened into scratch otherwise.
 template <class T>
-void widen_side(float* dst, const void* src, bool side_is_float, int64_t n) {
-  if (side_is_float) {
-    widen(dst, static_cast<const float*>(src), n);
-  } else {
-    widen(dst, static_cast<const T*>(src), n);
-  }
+const float* side_values(float* scratch, const void* src, bool side_is_float, int64_t n) {
+  if (side_is_float || std::is_same_v<T, float>) return static_cast<const float*>(src);
+  widen(scratch, static_cast<const T*>(src), n);
+  return scratch;
 }
 
 #include "philox_lanes.h"
@@ -72,14 +71,12 @@ const float* fill_normals(float* __restrict__ scratch, int64_t n, PhiloxKey key,
   return scratch + lead;
 }
 
-// The noise of a tile: float32 explicit noise where it lies, 16-bit explicit noise widened into
-// scratch, or the stream's normals in scratch; returns where the tile's values start.
+// The noise of a tile: the explicit tensor's values (side_values) or the stream's normals in
+// scratch; returns where the tile's values start.
 template <class T>
 const float* fill_noise(float* scratch, int64_t n, const void* explicit_noise, bool side_is_float, PhiloxKey key, uint64_t first) {
   if (explicit_noise == nullptr) return fill_normals(scratch, n, key, first);
-  if (side_is_float || std::is_same_v<T, float>) return static_cast<const float*>(explicit_noise);
-  widen(scratch, static_cast<const T*>(explicit_noise), n);
-  return scratch;
+  return side_values<T>(scratch, explicit_noise, side_is_float, n);
 }
 
 // base + elements for a side input stored as T or as float32 (null stays null).
@@ -250,7 +247,7 @@ template <class T>
 void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual segment, int64_t sample, int64_t begin, int64_t end,
                  PhiloxKey key, double* __restrict__ lanes) {
   alignas(64) float scratch[kNoiseScratch];
-  alignas(64) float target[kTile];
+  alignas(64) float target_scratch[kTile];
   alignas(64) float squares[kTile];
   const int64_t sample_start = sample * a.per_sample;
   for (int64_t start = sample_start + begin; start < sample_start + end; start += kTile) {
@@ -260,7 +257,7 @@ void score_piece(const WeightedScoreLossArgs& a, const ScoreResidual segment, in
     const T* __restrict__ output = static_cast<const T*>(a.output) + start;
     T* __restrict__ grad = static_cast<T*>(a.grad) + start;
     if (a.target != nullptr) {
-      widen_side<T>(target, advance_side<T>(a.target, a.side_is_float, start), a.side_is_float, n);
+      const float* __restrict__ target = side_values<T>(target_scratch, advance_side<T>(a.target, a.side_is_float, start), a.side_is_float, n);
       for (int64_t j = 0; j < n; ++j) {
         const float residual = segment(to_float(output[j]), z[j], target[j]);
         grad[j] = from_float<T>(segment.gradient(residual));

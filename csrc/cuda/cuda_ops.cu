@@ -269,15 +269,13 @@ __global__ void __launch_bounds__(kThreads) loss_finish_kernel(const float* part
 __global__ void __launch_bounds__(kThreads) philox_normals_kernel(float* normals, int64_t numel, uint64_t seed, uint64_t offset) {
   const PhiloxKey key = philox_key(seed);
   const int64_t groups = (numel + kGroup - 1) / kGroup;
+  const bool aligned = group_aligned<float>(normals);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups; g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = g * kGroup;
     const int n = group_size(j, numel);
     float z[kGroup];
     stream_normal_group(key, offset + static_cast<uint64_t>(j), n, z);
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k) {
-      if (k < n) normals[j + k] = z[k];
-    }
+    store_group(normals + j, n, aligned && n == kGroup, z);
   }
 }
 

@@ -69,24 +69,19 @@ def philox_normal(seed: int, offset: int, numel: int, *, device=None, dtype=torc
     first_counter = offset // NORMALS_PER_COUNTER
     counters = -(-(lead + numel) // NORMALS_PER_COUNTER)
     words = philox_words(seed, torch.arange(first_counter, first_counter + counters, dtype=torch.int64, device=device))
-    radius_0, angle_0 = _box_muller_polar(words[0], words[1], dtype)
-    radius_2, angle_2 = _box_muller_polar(words[2], words[3], dtype)
-    blocks = torch.stack(
-        [radius_0 * torch.cos(angle_0), radius_0 * torch.sin(angle_0), radius_2 * torch.cos(angle_2), radius_2 * torch.sin(angle_2)],
-        dim=1,
-    )
-    return blocks.flatten()[lead:lead + numel]
+    return counter_normals(words, dtype)[lead:lead + numel]
 
 
-def _box_muller_polar(word_a: torch.Tensor, word_b: torch.Tensor, dtype: torch.dtype):
-    """Radius sqrt(-2 log max(u_a, 1e-7)) and angle 2 pi u_b, in ``dtype`` from float32 uniforms."""
-    u_a = uniform_from_words(word_a).to(dtype).clamp_min(MIN_UNIFORM)
-    u_b = uniform_from_words(word_b).to(dtype)
-    if dtype == torch.float32:
-        angle = torch.tensor(TWO_PI, dtype=torch.float32, device=u_b.device) * u_b
-    else:
-        angle = TWO_PI * u_b
-    return torch.sqrt(-2.0 * torch.log(u_a)), angle
+def counter_normals(words, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The four normals of each counter from its four words, flat in stream order: Box-Muller on
+    words (0, 1) and (2, 3), float32 uniforms, the rest in ``dtype``."""
+    normals = []
+    for word_a, word_b in ((words[0], words[1]), (words[2], words[3])):
+        u_a = uniform_from_words(word_a).to(dtype).clamp_min(MIN_UNIFORM)
+        angle = torch.tensor(TWO_PI, dtype=dtype, device=u_a.device) * uniform_from_words(word_b).to(dtype)
+        radius = torch.sqrt(-2.0 * torch.log(u_a))
+        normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
+    return torch.stack(normals, dim=1).flatten()
 
 
 def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:
