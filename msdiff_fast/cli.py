@@ -534,6 +534,7 @@ def command_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             steps=steps, batch_size=chosen("batch_size", 16), lr=chosen("lr", 2e-4), warmup=chosen("warmup", 100),
+            lr_schedule=chosen("lr_schedule", "constant"),
             grad_clip=chosen("grad_clip", 1.0), ema_decay=chosen("ema_decay", 0.999), amp=chosen("amp", "none"),
             seed=chosen("seed", 0), log_every=args.log_every, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints, out_dir=str(out), device=str(device), num_workers=args.workers,
@@ -994,6 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 16)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
     train.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
+    train.add_argument("--lr-schedule", dest="lr_schedule", choices=("constant", "cosine"), help="after the warm-up: constant, or a cosine decay to 0 at --steps (default constant)")
     train.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clip (default 1)")
     train.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay (default 0.999, warmed up)")
     train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default none; fp16 needs a GPU)")
