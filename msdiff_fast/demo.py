@@ -27,6 +27,7 @@ import torch
 
 from .cli import (METRIC_LABELS, CLIError, ModelSpec, SamplerSpec, consistency_operator, cpu_model, format_number, image_metrics,
                   markdown_table, restore_images, write_json)
+from .training.checkpoint import atomic_write
 
 USUAL_NFE = {"pc": 2000, "posterior": 100}
 DATA = ("photos", "synthetic")
@@ -392,7 +393,7 @@ def _samples_figure(path: Path, models: List[DemoModel], results: Dict, settings
     what = "held-out photographs (never trained on), restored whole" if settings.data == "photos" else "held-out synthetic images"
     figure.suptitle(f"msdiff demo: {what}; PSNR against the ground truth (mean over that image's samples)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=120, format="png"))
     plt.close(figure)
 
 
@@ -434,7 +435,7 @@ def _nfe_figure(path: Path, models: List[DemoModel], results: Dict) -> None:
             axis.legend(fontsize=7)
     figure.suptitle("quality vs NFE on held-out images (higher is better; NFE 1 is the posterior mean)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
     plt.close(figure)
 
 
@@ -511,7 +512,8 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
               "", "Files: `samples.png` (input / posterior mean / a fast sample / the reference / ground truth, whole images),"
               " `nfe_curve.png` (PSNR and SSIM vs NFE), `metrics.json` (everything above), `runs/<model>/` (checkpoints:"
               " `msdiff sample --checkpoint runs/sr_mr --input LOW_RES_DIR --out RESTORED_DIR` restores your own images).", ""]
-    path.write_text("\n".join(lines))
+    report = "\n".join(lines).encode()
+    atomic_write(path, lambda handle: handle.write(report))
 
 
 def _verdict(model: DemoModel, rows: List[Dict], settings: DemoSettings) -> List[str]:
