@@ -98,6 +98,11 @@ class DemoSettings:
             raise ValueError(f"--nfe: expected integers >= 1, got {list(self.nfe)}")
         if not isinstance(self.pc_nfe, int) or self.pc_nfe < 2 or self.pc_nfe % 2:
             raise ValueError(f"--pc-nfe: expected an even integer >= 2 (2 network calls per step), got {self.pc_nfe!r}")
+        from .samplers.timesteps import MAX_STEPS
+
+        for name, value, most in (("nfe", max(self.nfe), MAX_STEPS), ("posterior-nfe", self.posterior_nfe, MAX_STEPS), ("pc-nfe", self.pc_nfe, 2 * MAX_STEPS)):
+            if value > most:
+                raise ValueError(f"--{name}: expected at most {most} ({MAX_STEPS} sampler steps), got {value}")
         if self.data == "synthetic" and self.test_images < 2:
             raise ValueError(f"--test-images: expected at least 2 synthetic images, got {self.test_images}")
         if self.amp not in ("none", "bf16"):

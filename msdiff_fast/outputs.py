@@ -31,8 +31,8 @@ except ImportError:  # Windows
 
 PathLike = Union[str, "os.PathLike[str]"]
 LOCK_FILE = ".msdiff.lock"
-# atomic_write's temp files: .<name>.tmp-<pid>
-_TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
+# atomic_write's temp files: .<name>.msdiff-tmp-<pid> (a name no other program uses)
+_TEMP_FILE = re.compile(r"^\..+\.msdiff-tmp-\d+$")
 
 
 class FolderBusyError(OSError):
@@ -129,7 +129,7 @@ class OutputFolder:
         self._lock = None
 
     def _remove_stale_temps(self) -> None:
-        for leftover in self.path.rglob(".*.tmp-*"):
+        for leftover in self.path.rglob(".*.msdiff-tmp-*"):
             if leftover.is_file() and _TEMP_FILE.match(leftover.name):
                 leftover.unlink(missing_ok=True)
 

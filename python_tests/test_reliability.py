@@ -156,7 +156,7 @@ def test_item03_outputs_are_written_atomically_and_leftovers_removed(tmp_path, m
     assert not destination.exists() and list(destination.parent.iterdir()) == []
     monkeypatch.setattr(Image.Image, "save", original_save)
 
-    stale = tmp_path / "out" / "sub" / ".b.png.tmp-12345"  # left by a run killed with SIGKILL
+    stale = tmp_path / "out" / "sub" / ".b.png.msdiff-tmp-12345"  # left by a run killed with SIGKILL
     stale.parent.mkdir()
     stale.write_bytes(b"partial")
     with OutputFolder(tmp_path / "out") as folder:
@@ -350,6 +350,8 @@ def test_item06_limits_are_checked_before_anything_is_allocated(runs, tmp_path, 
     source = _images(tmp_path / "imgs", ["a.png"])
     line = _one_error_line(_sample(runs["denoise"], source, tmp_path / "o1", "--nfe", "1000000000"), capsys.readouterr())
     assert "--nfe" in line and str(MAX_STEPS) in line
+    line = _one_error_line(main(["demo", "--quick", "--pc-nfe", "1000000000", "--out", str(tmp_path / "demo")]), capsys.readouterr())
+    assert "--pc-nfe" in line and str(2 * MAX_STEPS) in line and not (tmp_path / "demo").exists()
 
     monkeypatch.setattr(cli, "available_memory", lambda device: 2**10)
     line = _one_error_line(_sample(runs["denoise"], source, tmp_path / "o2"), capsys.readouterr())

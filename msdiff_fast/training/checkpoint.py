@@ -47,7 +47,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)(?:-(\d+))?$")
 _FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt")
 MANIFEST = "manifest.json"
 # leftovers of a killed save or prune, and of a killed atomic_write (e.g. of ``latest``)
-_LEFTOVER = re.compile(r"^\.(step_\d+(?:-\d+)?\.(partial|deleting)|.+\.tmp)-\d+$")
+_LEFTOVER = re.compile(r"^\.(step_\d+(?:-\d+)?\.(partial|deleting)|.+\.(msdiff-)?tmp)-\d+$")
 
 
 # ---------------------------------------------------------------------------- atomic files
@@ -75,7 +75,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
     ``write(binary_file)`` fills a temp file in the same directory, which is fsynced and then
     ``os.replace``d over ``path``. On any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp = path.with_name(f".{path.name}.msdiff-tmp-{os.getpid()}")
     try:
         _write_synced(temp, write)
         os.replace(temp, path)
@@ -201,7 +201,8 @@ def save_checkpoint(folder: PathLike, step: int, model: torch.nn.Module, ema: to
 def prune_checkpoints(folder: PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoint directories (never the one ``latest`` names)
     and leftovers of saves, prunes and pointer writes that were killed mid-way (hidden
-    ``.step_*.partial-<pid>``, ``.step_*.deleting-<pid>``, ``.latest.tmp-<pid>``). ``keep`` 0 keeps
+    ``.step_*.partial-<pid>``, ``.step_*.deleting-<pid>``, ``.latest.msdiff-tmp-<pid>``, and
+    ``.latest.tmp-<pid>`` of earlier versions). ``keep`` 0 keeps
     every checkpoint."""
     folder = Path(folder)
     current = latest_checkpoint(folder)
