@@ -3,6 +3,8 @@ float64 reference on random shapes, strides, dtypes, batch sizes (0 included), t
 seeds/offsets and aliasing. The examples are derandomized and bounded, so CI is deterministic and
 the whole file (150 examples per op) takes well under a minute of CPU (Triton under its interpreter on small tensors)."""
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +12,10 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+# Hypothesis keeps caches in ./.hypothesis; the suite leaves nothing in the checkout.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "msdiff-fast-hypothesis"))
 
 import msdiff_fast  # noqa: E402
 from msdiff_fast.ops import mr_step, noise_inject, reference, weighted_score_loss  # noqa: E402
@@ -18,7 +24,7 @@ from msdiff_fast.ops.mr_step import MAX_TERMS  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPES}
 BACKENDS = [name for name in ("torch", "cpu", "triton") if msdiff_fast.backends("cpu")["mr_step"][name] == "ok"]
-PROPERTIES = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+PROPERTIES = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _runs(backend: str, dtype: torch.dtype) -> bool:

@@ -202,8 +202,7 @@ def prune_checkpoints(folder: PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoint directories (never the one ``latest`` names)
     and leftovers of saves, prunes and pointer writes that were killed mid-way (hidden
     ``.step_*.partial-<pid>``, ``.step_*.deleting-<pid>``, ``.latest.msdiff-tmp-<pid>``, and
-    ``.latest.tmp-<pid>`` of earlier versions). ``keep`` 0 keeps
-    every checkpoint."""
+    ``.latest.tmp-<pid>`` of earlier versions). ``keep`` 0 keeps every checkpoint."""
     folder = Path(folder)
     current = latest_checkpoint(folder)
     for leftover in folder.iterdir():

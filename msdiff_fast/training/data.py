@@ -41,8 +41,8 @@ def check_images(x, name: str = "x") -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- image I/O
 # Decoding refuses images larger than this before their pixels are read: a small file can claim
-# any size in its header (a 97 KB PNG of 10000 x 10000 decodes to 300 MB of bytes and 1.2 GB of
-# float32). 8192 x 8192 is a large photograph; restoring it takes minutes per NFE on a GPU.
+# any size in its header (a 97 KB PNG of 10000 x 10000 decodes to 100 MB of grey bytes, 1.2 GB as
+# float32 RGB). 8192 x 8192 is a large photograph; restoring it takes minutes per NFE on a GPU.
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Pillow modes whose samples are 8-bit, converted by Pillow itself (grey from colour with ITU-R
