@@ -13,6 +13,7 @@ the metrics of a set of restored images.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -285,8 +286,13 @@ class SamplerSpec:
     def check(self, estimator) -> None:
         if self.name not in SAMPLERS:
             raise CLIError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {self.name!r}", 2)
+        from .samplers.timesteps import MAX_STEPS
+
         if not isinstance(self.nfe, int) or self.nfe < 1:
             raise CLIError(f"--nfe: expected an integer >= 1, got {self.nfe!r}", 2)
+        most = 2 * MAX_STEPS if self.name == "pc" else MAX_STEPS
+        if self.nfe > most:
+            raise CLIError(f"--nfe: expected at most {most} ({MAX_STEPS} steps, the samplers' maximum), got {self.nfe}", 2)
         if self.name == "pc" and (self.nfe < 2 or self.nfe % 2):
             raise CLIError(f"--nfe: pc makes 2 network calls per step (corrector + predictor), so NFE must be even and >= 2, got {self.nfe}", 2)
         max_order = 3 if self.name == "mr-ode" else 2
@@ -435,18 +441,53 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 # ---------------------------------------------------------------------------- files and folders
-def writable_directory(path, flag: str = "--out") -> Path:
-    """Create ``path`` if needed and check that files can be written there."""
-    directory = Path(path)
+@contextlib.contextmanager
+def output_folder(path, overwrite: bool = False, flag: str = "--out", overwrite_flag: Optional[str] = "--overwrite"):
+    """``outputs.OutputFolder`` (created if needed, locked against other runs, atomic writes that
+    never replace a file unless ``overwrite``) with its errors as one-line CLIErrors."""
+    from .outputs import FolderBusyError, OutputFolder
+
+    folder = OutputFolder(path, flag, overwrite, overwrite_flag)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".msdiff-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        folder.__enter__()
+    except FolderBusyError as err:
+        raise CLIError(str(err)) from None
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise CLIError(f"{flag} {directory}: cannot write there ({reason}); choose a directory you can write to") from None
-    return directory
+        raise CLIError(f"{flag} {path}: cannot write there ({reason}); choose a directory you can write to") from None
+    try:
+        yield folder
+    except FileExistsError as err:  # OutputFolder.check_new / write refusing to replace a file
+        raise CLIError(_one_line(err)) from None
+    finally:
+        folder.__exit__(None, None, None)
+
+
+def check_apart(output, output_flag: str, source, source_flag: str) -> None:
+    from .outputs import check_separate_folders
+
+    try:
+        check_separate_folders(output, output_flag, source, source_flag)
+    except ValueError as err:
+        raise CLIError(_one_line(err), 2) from None
+
+
+def relative_names(files: Sequence[Path], root, flag: str, suffix: Optional[str] = None) -> List[str]:
+    """Each file's path relative to ``root`` (with ``suffix`` instead of its extension; without
+    one, with no extension); raises CLIError naming two files that share a name (a.png, a.jpg)."""
+    from .outputs import check_no_collisions
+
+    names = [(p.relative_to(root).with_suffix(suffix or "")).as_posix() for p in files]
+    try:
+        check_no_collisions(names, files, flag)
+    except ValueError as err:
+        raise CLIError(_one_line(err)) from None
+    return names
+
+
+def check_seed(seed: Optional[int], flag: str = "--seed") -> None:
+    if seed is not None and not 0 <= seed < 2**63:
+        raise CLIError(f"{flag}: expected an integer in [0, 2**63), got {seed}", 2)
 
 
 def list_images(folder, flag: str) -> List[Path]:
@@ -493,17 +534,26 @@ def _one_line(error: BaseException) -> str:
 # ---------------------------------------------------------------------------- train
 def command_train(args: argparse.Namespace) -> int:
     from .training import ConditionalPairs
-    from .training.checkpoint import latest_checkpoint, read_state
+    from .training.checkpoint import latest_checkpoint, read_optimizer_state, read_state, read_weights
     from .training.trainer import TrainConfig, Trainer
 
-    out = writable_directory(args.out)
+    # Every flag is checked before --out is created: a refused command leaves nothing behind.
+    out = Path(args.out)
+    check_seed(args.seed)
     existing = latest_checkpoint(out)
     if existing is not None and not args.resume:
         raise CLIError(f"--out {out} already holds a run (latest checkpoint {existing.name}); pass --resume to continue it or choose another --out")
     if args.resume and existing is None:
         raise CLIError(f"--resume: no checkpoint under {out} to resume from; drop --resume to start a new run")
-    stored = ModelSpec.from_description(read_state(existing)["description"], str(existing)) if existing is not None else None
-    stored_config = read_state(existing).get("config", {}) if existing is not None else {}
+    if existing is None and (out / "msdiff_train.json").exists():
+        raise CLIError(f"--out {out} holds msdiff_train.json of an earlier run that left no checkpoint; choose another --out or delete that run")
+    if existing is not None:  # every file of the checkpoint checked now, before anything is written
+        read_optimizer_state(existing)
+        read_weights(existing, ema=False)
+        read_weights(existing, ema=True)
+    stored_state = read_state(existing) if existing is not None else {}
+    stored = ModelSpec.from_description(stored_state["description"], str(existing)) if existing is not None else None
+    stored_config = stored_state.get("config", {}) if existing is not None else {}
 
     def chosen(name: str, default):
         """A flag's value; when resuming and the flag was not given, the run's stored value."""
@@ -530,6 +580,8 @@ def command_train(args: argparse.Namespace) -> int:
     )
     if spec.image_size % 4:
         raise CLIError(f"--image-size: the U-Net halves the image twice, so it must be a multiple of 4, got {spec.image_size}", 2)
+    if stored is not None:
+        _check_resumed_spec(spec, stored, existing)
     device = device_from(args.device)
     try:
         config = TrainConfig(
@@ -548,20 +600,31 @@ def command_train(args: argparse.Namespace) -> int:
     estimator = spec.build_estimator()
     preview = _preview_writer(spec, dataset, out, device) if args.preview_every else None
     data_name = describe_data(args.data, args.synthetic_count, args.downscale)
-    write_json(out / "msdiff_train.json", {"command": _command_line(), "spec": spec.description(), "data": data_name})
-    print(f"msdiff train: {spec.estimator} for {spec.task} on {data_name} "
-          f"at {spec.image_size}x{spec.image_size}, {spec.preset} U-Net ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-          f"{config.steps} steps of {config.batch_size} on {device}", file=sys.stderr)
-    trainer = Trainer(model, estimator, dataset, config, preview=preview, description=spec.description())
-    try:
-        trainer.fit(resume=True if args.resume else False)
-    finally:
-        trainer.close()
+    # Held for the whole run: a second `msdiff train` into the same --out fails at once.
+    with output_folder(out, overwrite=bool(args.resume), overwrite_flag=None) as folder:
+        folder.write_text("msdiff_train.json", json_text({"command": _command_line(), "spec": spec.description(), "data": data_name}))
+        print(f"msdiff train: {spec.estimator} for {spec.task} on {data_name} "
+              f"at {spec.image_size}x{spec.image_size}, {spec.preset} U-Net ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+              f"{config.steps} steps of {config.batch_size} on {device}", file=sys.stderr)
+        trainer = Trainer(model, estimator, dataset, config, preview=preview, description=spec.description())
+        try:
+            trainer.fit(resume=True if args.resume else False)
+        finally:
+            trainer.close()
     checkpoint = latest_checkpoint(out)
     loss = trainer.last_metrics.get("loss")
     print(f"trained to step {trainer.step} in {trainer.seconds:.0f} s (last logged loss {format_number(loss, 4)}); checkpoint {checkpoint}")
     print(f"next: msdiff sample --checkpoint {out} --input DEGRADED_IMAGES --out RESTORED")
     return 0
+
+
+def _check_resumed_spec(spec: ModelSpec, stored: ModelSpec, checkpoint: Path) -> None:
+    """A resumed run must train the model it holds: name every flag that asks for another one."""
+    found, wanted = stored.description(), spec.description()
+    differences = [f"{key} {found[key]!r} (asked: {wanted[key]!r})" for key in found if key != "format" and found[key] != wanted[key]]
+    if differences:
+        raise CLIError(f"--resume: the run in {checkpoint.parent.parent} was trained with {', '.join(differences)}; drop those "
+                       f"flags to continue it, or train the new model into another --out", 2)
 
 
 DATA_SOURCES = ("synthetic", "photos")
@@ -649,6 +712,7 @@ def _preview_writer(spec: ModelSpec, dataset, out: Path, device: torch.device):
 def command_sample(args: argparse.Namespace) -> int:
     from .training import write_image
 
+    check_seed(args.seed)
     device = device_from(args.device)
     trained = load_trained(args.checkpoint, device, ema=not args.raw_weights)
     spec = trained.spec
@@ -664,49 +728,124 @@ def command_sample(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.num_samples < 1:
         raise CLIError(f"--batch, --num-samples: expected integers >= 1, got {args.batch}, {args.num_samples}", 2)
     files = list_images(args.input, "--input")
-    out = writable_directory(args.out)
-    conditions = []
-    for path in files:
-        image = load_image(path, spec.channels)
-        if spec.task == "sr" and not args.inputs_upsampled:
-            image = upsample_condition(image, spec.task_options["scale"], spec.task_options.get("upsample", "nearest"))
-        conditions.append(image)
-    generator = torch.Generator().manual_seed(args.seed)
-    print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
-          f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}, tiles {tile}px overlap {overlap}", file=sys.stderr)
-
-    started = time.perf_counter()
-    written = 0
-    conditions = [condition.to(device) for condition in conditions]
-    for sample_index in range(args.num_samples):
-        target = out / f"sample_{sample_index}" if args.num_samples > 1 else out
-        restored = restore_images(trained.network, trained.estimator, conditions, sampler, generator, tile, overlap, args.batch,
-                                  progress=not args.no_progress, description=f"sample {sample_index + 1}/{args.num_samples}")
-        for path, image in zip(files, restored):
-            destination = target / path.relative_to(args.input).with_suffix(".png")
-            try:
-                write_image(destination, image.cpu())
-            except OSError as err:
-                raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
-            written += 1
+    check_apart(args.out, "--out", args.input, "--input")
+    names = relative_names(files, args.input, "--input", suffix=".png")
+    folders = [f"sample_{k}/" for k in range(args.num_samples)] if args.num_samples > 1 else [""]
+    destinations = [folder + name for folder in folders for name in names]
+    upsampling = spec.task_options["scale"] if spec.task == "sr" and not args.inputs_upsampled else 1
+    sizes = [(height * upsampling, width * upsampling) for height, width in map(image_size, files)]
+    largest = max(sizes, key=lambda size: size[0] * size[1])
+    check_memory(sampling_memory(sizes, spec.channels, tile, overlap, args.batch), device,
+                 f"--input {args.input}: restoring {len(files)} images (the largest {largest[0]}x{largest[1]} after upsampling)")
+    with output_folder(args.out, overwrite=args.overwrite) as out:
+        out.check_new(destinations)  # before any work: a refused run changes nothing
+        conditions = []
+        for path in files:
+            image = load_image(path, spec.channels)
+            if upsampling > 1:
+                image = upsample_condition(image, upsampling, spec.task_options.get("upsample", "nearest"))
+            conditions.append(image.to(device))
+        generator = torch.Generator().manual_seed(args.seed)
+        print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
+              f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}, tiles {tile}px overlap {overlap}", file=sys.stderr)
+        started = time.perf_counter()
+        written = 0
+        for sample_index, folder in enumerate(folders):
+            restored = restore_images(trained.network, trained.estimator, conditions, sampler, generator, tile, overlap, args.batch,
+                                      progress=not args.no_progress, description=f"sample {sample_index + 1}/{args.num_samples}")
+            for name, image in zip(names, restored):
+                destination = out.target(folder + name)
+                out.check_new([folder + name])
+                try:
+                    write_image(destination, image.cpu())
+                except OSError as err:
+                    raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
+                written += 1
     seconds = time.perf_counter() - started
-    print(f"wrote {written} images to {out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
+    print(f"wrote {written} images to {args.out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
     return 0
+
+
+def image_size(path: Path) -> Tuple[int, int]:
+    """(height, width) of an image file from its header (nothing decoded)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # a huge size is refused when the image is read, with our limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CLIError(f"cannot read image {path}: {_one_line(err)}; convert or remove that file") from None
+
+
+# float32 tensors of an image's size that a sampler holds at once: x, mu, the network output,
+# the newest prediction and two older ones (order 3), the next x and its noise
+SAMPLER_STATE_TENSORS = 8
+
+
+def sampling_memory(sizes: Sequence[Tuple[int, int]], channels: int, tile: int, overlap: int, batch: int) -> int:
+    """Bytes that ``restore_images`` certainly allocates for images of ``sizes`` (float32): every
+    condition and every restored image (kept until written), and for the largest call the
+    sampler's state of the images restored together and the tiles of one network call (input
+    [batch, 2C, tile, tile] and output). A lower bound: the network's own activations come on top."""
+    from .tiling import TileLayout
+
+    floats = 2 * channels * sum(height * width for height, width in sizes)
+    largest_call = 0
+    for height, width in set(sizes):
+        tiles = len(TileLayout.for_image(height, width, tile, overlap))
+        together = min(sizes.count((height, width)), max(1, batch // tiles))
+        state = SAMPLER_STATE_TENSORS * together * channels * max(height, tile) * max(width, tile)
+        tiled = together * tiles * 3 * channels * tile * tile
+        largest_call = max(largest_call, state + tiled)
+    return 4 * (floats + largest_call)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the system's available
+    memory (MemAvailable of /proc/meminfo, else free pages); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(needed: int, device: torch.device, what: str) -> None:
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise CLIError(f"{what} needs at least {needed / 2**30:.2f} GiB of memory on {device}, but {available / 2**30:.2f} GiB "
+                       f"are available; restore fewer or smaller images at a time")
 
 
 # ---------------------------------------------------------------------------- evaluate
 def command_evaluate(args: argparse.Namespace) -> int:
+    from .inception import load_inception
     from .metrics import LPIPS, SmallFeatureNet, load_inception_torchscript
 
+    if args.inception and args.inception_torchscript:
+        raise CLIError("--inception, --inception-torchscript: expected one of them (the same network), got both", 2)
     reference_files = list_images(args.reference, "--reference")
     restored_root = Path(args.restored)
     if not restored_root.is_dir():
         raise CLIError(f"--restored {restored_root}: no such directory")
     sample_dirs = sorted(p for p in restored_root.iterdir() if p.is_dir() and p.name.startswith("sample_")) or [restored_root]
-    by_stem = {p.relative_to(args.reference).with_suffix("").as_posix(): p for p in reference_files}
+    by_stem = _stems(reference_files, args.reference, "--reference")
     samples = []
     for folder in sample_dirs:
-        found = {p.relative_to(folder).with_suffix("").as_posix(): p for p in list_images(folder, "--restored")}
+        found = _stems(list_images(folder, "--restored"), folder, f"--restored {folder}")
         missing = sorted(by_stem.keys() - found.keys())
         if missing:
             raise CLIError(f"--restored {folder}: no restored image for {len(missing)} reference image(s), e.g. {missing[0]!r}; "
@@ -720,7 +859,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     if args.task == "inpaint":
         if args.degraded is None:
             raise CLIError("--task inpaint: consistency needs the hole of each image: pass --degraded DIR (the inputs given to `msdiff sample`)")
-        degraded_files = _stems(list_images(args.degraded, "--degraded"), args.degraded)
+        degraded_files = _stems(list_images(args.degraded, "--degraded"), args.degraded, "--degraded")
         missing = sorted(by_stem.keys() - degraded_files.keys())
         if missing:
             raise CLIError(f"--degraded {args.degraded}: no degraded image for {len(missing)} reference image(s), e.g. {missing[0]!r}")
@@ -738,28 +877,37 @@ def command_evaluate(args: argparse.Namespace) -> int:
         except (FileNotFoundError, KeyError, ValueError) as err:
             raise CLIError(f"--lpips-weights: {_one_line(err)}") from None
     inception = None
-    if args.inception:
-        try:
-            inception = load_inception_torchscript(args.inception)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise CLIError(f"--inception: {_one_line(err)}") from None
+    try:
+        if args.inception:
+            inception = load_inception(args.inception)
+        elif args.inception_torchscript:
+            inception = load_inception_torchscript(args.inception_torchscript, trust_code=True)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise CLIError(f"{'--inception' if args.inception else '--inception-torchscript'}: {_one_line(err)}") from None
     feature_net = SmallFeatureNet(reference.shape[1]) if args.small_fid else None
-    with torch.no_grad():
-        values = image_metrics(torch.stack(samples), reference, operator, feature_net, lpips_net, inception)
-    out = writable_directory(args.out or restored_root)
-    report = {"restored": str(restored_root), "reference": str(args.reference), "images": reference.shape[0],
-              "samples_per_image": len(samples), "task": args.task, "task_options": options, "metrics": values,
-              "notes": {"fid_small": "FID with a fixed random SmallFeatureNet: for comparing runs here only, not comparable with published FID"}}
-    write_json(out / "metrics.json", report)
+    out_path = args.out or restored_root
+    with output_folder(out_path, overwrite=args.overwrite) as out:
+        out.check_new(["metrics.json", "metrics.md"])  # before the metrics are computed
+        with torch.no_grad():
+            values = image_metrics(torch.stack(samples), reference, operator, feature_net, lpips_net, inception)
+        _write_metrics(out, values, reference.shape[0], len(samples), restored_root, args, options)
     rows = [(METRIC_LABELS[name], value) for name, value in values.items() if value is not None]
-    text = (f"# msdiff evaluate\n\n{reference.shape[0]} images, {len(samples)} sample(s) each; restored `{restored_root}` vs reference `{args.reference}`"
+    print(markdown_table(["metric", "value"], rows), end="")
+    print(f"wrote {Path(out_path) / 'metrics.json'} and {Path(out_path) / 'metrics.md'}")
+    return 0
+
+
+def _write_metrics(out, values: Dict, images: int, samples: int, restored_root: Path, args: argparse.Namespace, options: Dict) -> None:
+    report = {"restored": str(restored_root), "reference": str(args.reference), "images": images,
+              "samples_per_image": samples, "task": args.task, "task_options": options, "metrics": values,
+              "notes": {"fid_small": "FID with a fixed random SmallFeatureNet: for comparing runs here only, not comparable with published FID"}}
+    out.write_text("metrics.json", json_text(report))
+    rows = [(METRIC_LABELS[name], value) for name, value in values.items() if value is not None]
+    text = (f"# msdiff evaluate\n\n{images} images, {samples} sample(s) each; restored `{restored_root}` vs reference `{args.reference}`"
             f"{f'; task {args.task}' if args.task else ''}.\n\n" + markdown_table(["metric", "value"], rows))
     if values.get("fid_small") is not None:
         text += "\nFID (SmallFeatureNet) uses a small fixed random network: compare runs with it, never with published FID.\n"
-    (out / "metrics.md").write_text(text)
-    print(markdown_table(["metric", "value"], rows), end="")
-    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
-    return 0
+    out.write_text("metrics.md", text)
 
 
 def _same_size(images: List[torch.Tensor], flag: str) -> torch.Tensor:
@@ -770,8 +918,9 @@ def _same_size(images: List[torch.Tensor], flag: str) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _stems(files: Sequence[Path], root) -> Dict[str, Path]:
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in files}
+def _stems(files: Sequence[Path], root, flag: str) -> Dict[str, Path]:
+    """Files by relative name without extension; two files of one name (img0.png, img0.jpg) are refused."""
+    return dict(zip(relative_names(files, root, flag), files))
 
 
 # ---------------------------------------------------------------------------- bench
@@ -786,6 +935,7 @@ def command_bench(args: argparse.Namespace) -> int:
         return _run_benchmark_script(args)
     if args.batch < 1 or args.repeats < 1:
         raise CLIError(f"--batch, --repeats: expected integers >= 1, got {args.batch}, {args.repeats}", 2)
+    check_seed(args.seed)
     if args.image_size is not None and (args.image_size < 4 or args.image_size % 4):
         raise CLIError(f"--image-size: expected a multiple of 4 (the U-Net halves the image twice), got {args.image_size}", 2)
     device = device_from(args.device)
@@ -799,6 +949,24 @@ def command_bench(args: argparse.Namespace) -> int:
                          "tiny", args.image_size or 32, 3)
         torch.manual_seed(args.seed)
         network, estimator = spec.network().to(device).eval(), spec.build_estimator()
+    # Taken before minutes of timing: a busy --out or an existing bench.json fails at once.
+    with output_folder(args.out, overwrite=args.overwrite) if args.out else contextlib.nullcontext() as out:
+        if out is not None:
+            out.check_new(["bench.json", "bench.md"])
+        title, table, rows = _time_samplers(args, network, estimator, spec, device)
+        print(title)
+        print(table, end="")
+        if out is not None:
+            out.write_text("bench.json", json_text({"title": title, "command": _command_line(), "torch": torch.__version__,
+                                                    "rows": [dict(zip(["sampler", "nfe", "seconds", "ms_per_image", "ms_per_nfe", "speedup"], row)) for row in rows]}))
+            out.write_text("bench.md", f"# {title}\n\n`{_command_line()}`\n\n{table}")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'}")
+    return 0
+
+
+def _time_samplers(args: argparse.Namespace, network, estimator, spec: ModelSpec, device: torch.device):
+    """(title, markdown table, rows) of the median time of every sampler of ``args`` on one batch."""
     reference = SamplerSpec("posterior", args.reference_nfe) if estimator.name == "mr" else SamplerSpec("pc", args.reference_nfe + args.reference_nfe % 2)
     runs = [SamplerSpec(name, nfe, args.order) for name in args.samplers for nfe in args.nfe] + [reference]
     for run in runs:
@@ -824,16 +992,7 @@ def command_bench(args: argparse.Namespace) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     title = (f"msdiff bench: {spec.estimator} {spec.preset} U-Net at {size}x{size}, batch {args.batch}, {device_name}, "
              f"median of {args.repeats}, {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random weights (timing only)'}")
-    table = markdown_table(header, rows)
-    print(title)
-    print(table, end="")
-    if args.out:
-        out = writable_directory(args.out)
-        write_json(out / "bench.json", {"title": title, "command": _command_line(), "torch": torch.__version__,
-                                         "rows": [dict(zip(["sampler", "nfe", "seconds", "ms_per_image", "ms_per_nfe", "speedup"], row)) for row in rows]})
-        (out / "bench.md").write_text(f"# {title}\n\n`{_command_line()}`\n\n{table}")
-        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return 0
+    return title, markdown_table(header, rows), rows
 
 
 def _synchronize(device: torch.device) -> None:
@@ -876,9 +1035,16 @@ def command_demo(args: argparse.Namespace) -> int:
         settings = settings.replace(**overrides)
     except ValueError as err:
         raise CLIError(_one_line(err), 2) from None
-    out = writable_directory(args.out)
-    run_demo(settings, out, device_from(args.device), progress=not args.no_progress, command=_command_line())
+    check_seed(settings.seed)
+    device = device_from(args.device)
+    with output_folder(args.out, overwrite_flag=None) as out:  # the demo writes each file once: it never replaces one
+        out.check_new(DEMO_OUTPUTS)
+        run_demo(settings, out.path, device, progress=not args.no_progress, command=_command_line())
     return 0
+
+
+# what `msdiff demo` writes (besides runs/, which it refuses to reuse)
+DEMO_OUTPUTS = ("report.md", "metrics.json", "samples.png", "nfe_curve.png")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -1013,7 +1179,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=("Restores every image under --input with a checkpoint of `msdiff train` and writes PNGs with the\n"
                                               "same relative names under --out. Images larger than the training size are restored in\n"
                                               "overlapping tiles of the training size, blended with a smooth window; smaller ones are padded.\n"
-                                              "For sr the inputs are the low-resolution images (upsampled by --scale here).\n\n"
+                                              "For sr the inputs are the low-resolution images (upsampled by --scale here).\n"
+                                              "--out must be apart from --input (not it, not inside it, not holding it); an existing file is\n"
+                                              "never replaced without --overwrite, two names of one image (a.png, a.jpg) are refused before any\n"
+                                              "work, and a second run into the same --out fails while the first one writes there.\n\n"
                                               "samplers (NFE = network evaluations per image):\n"
                                               "  mr-sde     MR Sampler, reverse SDE, order 1-2 (fast; 5-20 NFE)\n"
                                               "  mr-ode     MR Sampler, probability-flow ODE, order 1-3 (fast, deterministic given x_T)\n"
@@ -1039,6 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", dest="num_samples", type=int, default=1, help="samples per image; > 1 writes OUT/sample_K/")
     sample.add_argument("--raw-weights", dest="raw_weights", action="store_true", help="use the raw weights instead of the EMA ones")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sample.add_argument("--overwrite", action="store_true", help="replace restored images that already exist in --out (default: refuse before any work)")
     _add_common(sample)
     sample.set_defaults(handler=command_sample)
 
@@ -1046,10 +1216,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=("PSNR and SSIM (0-255 scale, as the paper), consistency PSNR(A(x_hat), A(x)) for tasks with a\n"
                                                 "forward operator A (sr, blur, edges; inpaint with --degraded), diversity when --restored holds\n"
                                                 "sample_K/ folders, LPIPS (--lpips-weights) and FID (--inception; --small-fid for a quick,\n"
-                                                "non-comparable FID). Files are matched by relative name without extension.\n"
+                                                "non-comparable FID). Files are matched by relative name without extension (two files of one\n"
+                                                "name, e.g. img0.png and img0.jpg, are refused).\n"
                                                 "Writes metrics.json and metrics.md to --out (default: the --restored folder)."),
                                    epilog=("example:\n  msdiff evaluate --restored restored/ --reference high_res/ --task sr --scale 4\n"
-                                           "  msdiff evaluate --restored many/ --reference truth/ --lpips-weights weights/ --inception weights/inception-2015-12-05.pt"))
+                                           "  msdiff evaluate --restored many/ --reference truth/ --lpips-weights weights/ --inception weights/pt_inception-2015-12-05-6726825d.pth"))
     evaluate.add_argument("--restored", required=True, help="folder of restored images (or of sample_K/ folders)")
     evaluate.add_argument("--reference", required=True, help="folder of ground-truth images")
     evaluate.add_argument("--degraded", help="folder of the degraded inputs (inpaint: gives the holes)")
@@ -1057,9 +1228,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(evaluate)
     evaluate.add_argument("--channels", type=int, choices=(1, 3), default=3, help="read images as grey (1) or RGB (3)")
     evaluate.add_argument("--lpips-weights", dest="lpips_weights", help="directory with alexnet-owt-7be5be79.pth and LPIPS alex.pth (never downloaded)")
-    evaluate.add_argument("--inception", help="NVIDIA's inception-2015-12-05.pt TorchScript file, for FID (never downloaded)")
+    evaluate.add_argument("--inception", metavar="FILE", help="weights of the FID Inception-v3 as a state dict (pytorch-fid's "
+                          "pt_inception-2015-12-05-6726825d.pth, or .safetensors), read as data only; for FID (never downloaded)")
+    evaluate.add_argument("--inception-torchscript", dest="inception_torchscript", metavar="FILE",
+                          help="NVIDIA's inception-2015-12-05.pt TorchScript file instead: runs code from FILE, only for files you trust")
     evaluate.add_argument("--small-fid", dest="small_fid", action="store_true", help="also an FID with a small random network (only to compare runs here)")
     evaluate.add_argument("--out", help="folder for metrics.json and metrics.md (default: --restored)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace metrics.json and metrics.md if they exist (default: refuse)")
     _add_common(evaluate, device=False)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -1083,6 +1258,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed")
     bench.add_argument("--out", help="also write bench.json and bench.md here")
+    bench.add_argument("--overwrite", action="store_true", help="replace bench.json and bench.md in --out if they exist (default: refuse)")
     bench.add_argument("--script", help="run benchmarks/benchmark_SCRIPT.py instead")
     bench.add_argument("--list", action="store_true", help="list the benchmark scripts")
     bench.add_argument("--benchmarks-dir", dest="benchmarks_dir", help="folder of benchmark scripts (default: the checkout's benchmarks/)")
@@ -1187,8 +1363,16 @@ def json_ready(value):
     return str(value)
 
 
+def json_text(data) -> str:
+    return json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+    """Write ``data`` as strict JSON, atomically (temp file in the same folder, then rename)."""
+    from .training.checkpoint import atomic_write
+
+    text = json_text(data).encode()
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

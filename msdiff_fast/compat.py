@@ -221,12 +221,15 @@ class KDiffusionDenoiser:
 
     sigma ([B] or a scalar) is k-diffusion's noise level sigma / alpha = exp(-lam); it is mapped to
     t = sde.t_of_lam(-log sigma) and the model is called on alpha(t) * x. ``sigma_min`` /
-    ``sigma_max`` are the levels at t = 0 and t = T (k-diffusion's ``get_sigmas_karras`` takes them).
+    ``sigma_max`` are the levels at t = 0 and t = T (k-diffusion's ``get_sigmas_karras`` takes them);
+    where the level at t = 0 is 0 (VP, sub-VP), sigma_min is the level at the SDE's ``t_end`` (or
+    ``t_lambda_floor``), where its own samplers stop: a grid ending at sigma 0 would ask for t = 0,
+    whose log-SNR is infinite.
     """
 
     def __init__(self, model: Callable, sde: LinearSDE, model_output: str, cond: Optional[torch.Tensor]):
         self.model, self.sde, self.model_output, self.cond = model, sde, model_output, cond
-        self.sigma_min = float(sde.sigma(0.0) / sde.alpha(0.0))
+        self.sigma_min = next(level for level in (float(sde.sigma(t) / sde.alpha(t)) for t in (0.0, sde.t_end, sde.t_lambda_floor)) if level > 0)
         self.sigma_max = float(sde.sigma(sde.T) / sde.alpha(sde.T))
 
     def __repr__(self):

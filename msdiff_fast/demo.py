@@ -27,6 +27,7 @@ import torch
 
 from .cli import (METRIC_LABELS, CLIError, ModelSpec, SamplerSpec, consistency_operator, cpu_model, format_number, image_metrics,
                   markdown_table, restore_images, write_json)
+from .training.checkpoint import atomic_write
 
 USUAL_NFE = {"pc": 2000, "posterior": 100}
 DATA = ("photos", "synthetic")
@@ -97,6 +98,11 @@ class DemoSettings:
             raise ValueError(f"--nfe: expected integers >= 1, got {list(self.nfe)}")
         if not isinstance(self.pc_nfe, int) or self.pc_nfe < 2 or self.pc_nfe % 2:
             raise ValueError(f"--pc-nfe: expected an even integer >= 2 (2 network calls per step), got {self.pc_nfe!r}")
+        from .samplers.timesteps import MAX_STEPS
+
+        for name, value, most in (("nfe", max(self.nfe), MAX_STEPS), ("posterior-nfe", self.posterior_nfe, MAX_STEPS), ("pc-nfe", self.pc_nfe, 2 * MAX_STEPS)):
+            if value > most:
+                raise ValueError(f"--{name}: expected at most {most} ({MAX_STEPS} sampler steps), got {value}")
         if self.data == "synthetic" and self.test_images < 2:
             raise ValueError(f"--test-images: expected at least 2 synthetic images, got {self.test_images}")
         if self.amp not in ("none", "bf16"):
@@ -392,7 +398,7 @@ def _samples_figure(path: Path, models: List[DemoModel], results: Dict, settings
     what = "held-out photographs (never trained on), restored whole" if settings.data == "photos" else "held-out synthetic images"
     figure.suptitle(f"msdiff demo: {what}; PSNR against the ground truth (mean over that image's samples)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=120, format="png"))
     plt.close(figure)
 
 
@@ -434,7 +440,7 @@ def _nfe_figure(path: Path, models: List[DemoModel], results: Dict) -> None:
             axis.legend(fontsize=7)
     figure.suptitle("quality vs NFE on held-out images (higher is better; NFE 1 is the posterior mean)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
     plt.close(figure)
 
 
@@ -511,7 +517,8 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
               "", "Files: `samples.png` (input / posterior mean / a fast sample / the reference / ground truth, whole images),"
               " `nfe_curve.png` (PSNR and SSIM vs NFE), `metrics.json` (everything above), `runs/<model>/` (checkpoints:"
               " `msdiff sample --checkpoint runs/sr_mr --input LOW_RES_DIR --out RESTORED_DIR` restores your own images).", ""]
-    path.write_text("\n".join(lines))
+    report = "\n".join(lines).encode()
+    atomic_write(path, lambda handle: handle.write(report))
 
 
 def _verdict(model: DemoModel, rows: List[Dict], settings: DemoSettings) -> List[str]:

@@ -178,8 +178,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 # ---------------------------------------------------------------------------- FID / JFID
 class FID:
     """FID with a pluggable feature network: feature_fn maps [n, C, H, W] images in [0, 1]
-    to [n, D] features. Use load_inception_torchscript(...) for numbers comparable with
-    published FID; SmallFeatureNet only for tests and demos."""
+    to [n, D] features. Use inception.load_inception(...) (pytorch-fid's weights, loaded as data)
+    for numbers comparable with published FID; SmallFeatureNet only for tests and demos."""
 
     def __init__(self, feature_fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64):
         self.feature_fn, self.batch_size = feature_fn, int(batch_size)
@@ -236,8 +236,15 @@ class InceptionFeatures(nn.Module):
         return self.model(img, return_features=True)
 
 
-def load_inception_torchscript(path: PathLike, device=None) -> InceptionFeatures:
-    """Load the user's copy of inception-2015-12-05.pt (a file, or a directory holding it)."""
+def load_inception_torchscript(path: PathLike, device=None, *, trust_code: bool = False) -> InceptionFeatures:
+    """Load the user's copy of inception-2015-12-05.pt (a file, or a directory holding it).
+
+    A TorchScript file is a program: loading it runs code from the file, so this needs
+    ``trust_code=True``, for files from a source you trust. ``msdiff_fast.inception.load_inception``
+    reads the same network's weights as data and is what the package itself uses."""
+    if trust_code is not True:
+        raise ValueError("trust_code: loading a TorchScript file runs code from it; pass trust_code=True only for a file you "
+                         "trust, or load a state dict with msdiff_fast.inception.load_inception (data only)")
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, INCEPTION_FILE)
@@ -288,10 +295,19 @@ _ALEX_CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 
 
 
 def _load_state(path: str, what: str) -> dict:
+    from .training.checkpoint import load_data
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LPIPS weights not found: {path!r} (expected {what}). "
                                 f"Nothing is downloaded; obtain the file separately.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_data(path)
+    except Exception as err:  # pickle and zip errors: a file that is not plain tensors (or holds code)
+        raise ValueError(f"LPIPS weights {path}: not a state dict of tensors (read with weights_only=True: "
+                         f"{' '.join(str(err).split())[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"LPIPS weights {path}: expected a dict of parameter names to tensors, got {type(state).__name__}")
+    return state
 
 
 class LPIPS(nn.Module):

@@ -396,15 +396,17 @@ def test_out_directory_not_writable_is_one_line(quick_demo, tmp_path, capsys):
     assert "cannot write there" in _single_error_line(code, capsys.readouterr())
 
 
-def test_bad_flag_values_are_one_line(capsys):
+def test_bad_flag_values_are_one_line(tmp_path, capsys):
+    unused = str(tmp_path / "unused")
     code = main(["sample", "--checkpoint", "x", "--input", "y", "--out", "z", "--nfe", "ten"])
     assert "--nfe" in _single_error_line(code, capsys.readouterr())
-    code = main(["demo", "--out", "unused", "--pc-nfe", "7"])
+    code = main(["demo", "--out", unused, "--pc-nfe", "7"])
     assert "--pc-nfe" in _single_error_line(code, capsys.readouterr())
-    code = main(["train", "--out", "unused", "--sampler", "pc"])
+    code = main(["train", "--out", unused, "--sampler", "pc"])
     assert "unrecognized arguments" in _single_error_line(code, capsys.readouterr())
-    code = main(["train", "--out", "unused", "--estimator", "mr", "--sigma-data", "0.5"])
+    code = main(["train", "--out", unused, "--estimator", "mr", "--sigma-data", "0.5"])
     assert "--sigma-data: preconditions the VE estimators" in _single_error_line(code, capsys.readouterr())
+    assert not (tmp_path / "unused").exists()  # refused before --out was created
 
 
 def test_errors_from_a_subprocess_have_no_traceback(tmp_path):

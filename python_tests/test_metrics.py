@@ -204,9 +204,9 @@ def test_fid_and_jfid_with_small_feature_net():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_inception_loader_missing_file_and_input_convention(tmp_path):
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt"):
-        M.load_inception_torchscript(tmp_path / "nope.pt")
+        M.load_inception_torchscript(tmp_path / "nope.pt", trust_code=True)
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt"):
-        M.load_inception_torchscript(tmp_path)  # directory without the file
+        M.load_inception_torchscript(tmp_path, trust_code=True)  # directory without the file
 
     class FakeInception(torch.nn.Module):  # same call signature as NVIDIA's file
         def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
@@ -215,7 +215,7 @@ def test_inception_loader_missing_file_and_input_convention(tmp_path):
             return img.float().mean(dim=(2, 3))
 
     torch.jit.script(FakeInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    features = M.load_inception_torchscript(tmp_path)
+    features = M.load_inception_torchscript(tmp_path, trust_code=True)
     x = torch.full((2, 1, 8, 8), 0.5)
     assert features(x).tolist() == [[128.0] * 3] * 2  # [0, 1] -> rounded 0-255, gray -> RGB
 

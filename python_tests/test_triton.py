@@ -234,7 +234,8 @@ def test_outputs_that_are_not_sample_contiguous_are_refused():
 def test_availability_reasons(monkeypatch):
     cpu = torch.device("cpu")
     assert "torch reference" in reason_unavailable("mr_step", "triton", cpu, torch.float64)
-    assert reason_unavailable("mr_step", "triton", torch.device("cuda"), torch.bfloat16) is None
+    on_cuda = reason_unavailable("mr_step", "triton", torch.device("cuda"), torch.bfloat16)
+    assert on_cuda is None if torch.cuda.is_available() else on_cuda == "no CUDA device (torch.cuda.is_available() is False)"
     assert "triton runs on CUDA tensors" in reason_unavailable("mr_step", "triton", torch.device("meta"), torch.float32)
     monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

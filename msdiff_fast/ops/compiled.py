@@ -126,16 +126,27 @@ def _loss_args(loss, grad, output, coefs, split, noise, target):
 # ----------------------------------------------------------------------------- cpu
 
 
+# Empty tensors: nothing to compute, and the kernels' shape checks would refuse them (an empty
+# result is what every backend returns).
+
+
 def _cpu_mr_step(out, x, terms, coefs, noise_coef, seed, offset, noise):
+    if x.numel() == 0:
+        return
     _C.mr_step(*_mr_step_args(out, x, terms, coefs, noise_coef, noise), seed, offset, torch.get_num_threads())
 
 
 def _cpu_noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y):
+    if x0.shape[0] == 0:
+        return
     args = _noise_inject_args(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, noise_x, noise_y)
     _C.noise_inject(*args, seed, offset, torch.get_num_threads())
 
 
 def _cpu_weighted_score_loss(loss, grad, output, coefs, split, seed, offset, noise, target):
+    if output.numel() == 0:
+        loss.zero_()
+        return
     loss_out, grad_out, output, coefs, split, noise, target = _loss_args(loss, grad, output, coefs, split, noise, target)
     _C.weighted_score_loss(loss_out, grad_out, output, coefs, split, noise, target, seed, offset, torch.get_num_threads())
 
@@ -148,17 +159,24 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _cuda_mr_step(out, x, terms, coefs, noise_coef, seed, offset, noise):
+    if x.numel() == 0:
+        return
     with torch.cuda.device(x.device):
         _C_cuda.mr_step(*_mr_step_args(out, x, terms, coefs, noise_coef, noise), seed, offset, _stream(x))
 
 
 def _cuda_noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y):
+    if x0.shape[0] == 0:
+        return
     with torch.cuda.device(x0.device):
         args = _noise_inject_args(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, noise_x, noise_y)
         _C_cuda.noise_inject(*args, seed, offset, _stream(x0))
 
 
 def _cuda_weighted_score_loss(loss, grad, output, coefs, split, seed, offset, noise, target):
+    if output.numel() == 0:
+        loss.zero_()
+        return
     with torch.cuda.device(output.device):
         loss_out, grad_out, output, coefs, split, noise, target = _loss_args(loss, grad, output, coefs, split, noise, target)
         batch = output.shape[0]

@@ -69,6 +69,66 @@ def backends(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Dict[st
     return table
 
 
+def check_no_grad(t: Optional[torch.Tensor], name: str, op: str, differentiable_in: Optional[str]) -> None:
+    """Refuse an input the op cannot differentiate in while autograd would track it. The torch
+    backend's eager path would carry such a gradient and the compiled ones would drop it; one
+    clear error on every backend is what keeps them in agreement."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        scope = f"is differentiable in {differentiable_in} only" if differentiable_in else "is not differentiable"
+        raise ValueError(describe(name, f"a tensor that does not require grad ({op} {scope}: detach it, or write the "
+                                        f"expression with torch ops to differentiate in it)", "requires_grad=True"))
+
+
+def _span(t: torch.Tensor):
+    """[first, last + 1) byte addresses a tensor's elements lie in, or None when it has none."""
+    if t.numel() == 0:
+        return None
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _element_addresses(t: torch.Tensor, base: int) -> torch.Tensor:
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets[..., None] + torch.arange(size, dtype=torch.int64) * stride
+    return offsets.flatten() + (t.data_ptr() - base) // t.element_size()
+
+
+def memory_overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """"full" when a and b are the same elements in the same layout, "partial" when they share
+    some memory otherwise, "none" when they share none (views of one buffer that interleave
+    without sharing an element, e.g. the two halves of a cat buffer, are "none")."""
+    span_a, span_b = _span(a), _span(b)
+    if span_a is None or span_b is None or a.device != b.device or span_a[1] <= span_b[0] or span_b[1] <= span_a[0]:
+        return "none"
+    if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype:
+        return "full"
+    size = a.element_size()
+    if b.element_size() == size and (a.data_ptr() - b.data_ptr()) % size == 0:
+        # The byte ranges meet: compare element addresses exactly (only views of one buffer get here).
+        base = min(a.data_ptr(), b.data_ptr())
+        if not torch.isin(_element_addresses(a, base), _element_addresses(b, base)).any():
+            return "none"
+    return "partial"
+
+
+def check_out_overlap(out: torch.Tensor, out_name: str, elementwise: Dict[str, Optional[torch.Tensor]],
+                      others: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Raise ValueError when an input shares memory with ``out`` in a way the backends do not all
+    survive: the ``elementwise`` inputs (element i read only to write element i) may be ``out``
+    itself, laid out the same (``out is x``); any other shared memory would be read after some
+    backend has already overwritten it, so results would differ between backends."""
+    if torch.compiler.is_compiling() or out.device.type == "meta":
+        return
+    for name, t in list(elementwise.items()) + list(others.items()):
+        if t is None:
+            continue
+        found = memory_overlap(out, t)
+        if found == "partial" or (found == "full" and name not in elementwise):
+            raise ValueError(describe(out_name, f"memory apart from {name}, or {name} itself in the same layout",
+                                      f"an {out_name} that {'partly ' if found == 'partial' else ''}overlaps {name}"))
+
+
 def describe(name: str, what: str, got: object) -> str:
     return f"{name}: expected {what}, got {got}"
 

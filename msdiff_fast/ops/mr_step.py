@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import reference
-from .dispatch import check_like, check_per_sample, describe, register, resolve
+from .dispatch import check_like, check_no_grad, check_out_overlap, check_per_sample, describe, register, resolve
 from .philox import check_seed_offset
 
 MAX_TERMS = 8
@@ -97,8 +97,10 @@ def mr_step(
 
     x: [B, ...] float16/bfloat16/float32/float64; terms: 1..8 tensors like x; coefs: [B, K + 1]
     float32/float64 on x's device; noise_coef: [B] or None; z: the Philox stream at positions
-    offset + flat index, or ``noise`` (like x). ``out`` (like x, contiguous; may be x itself)
-    receives the result. Math in float32 (float64 for float64 x). Differentiable in x and terms.
+    offset + flat index, or ``noise`` (like x). ``out`` (like x, contiguous; may be x itself, or a
+    term or the noise, but must not partly overlap any input) receives the result. Math in float32
+    (float64 for float64 x). Differentiable in x and terms; coefs, noise_coef and noise that
+    require grad are refused. An empty batch gives an empty result.
     """
     check_like(x, "x", x, "x")
     if x.ndim < 1:
@@ -117,10 +119,14 @@ def mr_step(
             check_seed_offset(seed, offset, x.numel())
     elif noise is not None:
         raise ValueError(describe("noise", "None when noise_coef is None (nothing would use it)", "a tensor"))
+    for name, t in (("coefs", coefs), ("noise_coef", noise_coef), ("noise", noise)):
+        check_no_grad(t, name, "mr_step", "x and terms")
     if out is not None:
         check_like(out, "out", x, "x")
         if not out.is_contiguous():
             raise ValueError(describe("out", "a contiguous tensor", f"strides {out.stride()}"))
+        elementwise = {"x": x, **{f"terms[{k}]": t for k, t in enumerate(terms)}, "noise": noise}
+        check_out_overlap(out, "out", elementwise, {"coefs": coefs, "noise_coef": noise_coef})
     terms = list(terms)
     if _needs_dispatcher(x, terms):
         if out is None:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference
-from .dispatch import check_like, check_per_sample, describe, register, resolve
+from .dispatch import check_like, check_no_grad, check_out_overlap, check_per_sample, describe, register, resolve
 from .philox import check_seed_offset
 
 
@@ -74,7 +74,10 @@ def noise_inject(
     x_coefs, y_coefs: [B, 2] per-sample (mean scale, std), float32/float64. mu (like x0): the
     mean-reverting target of x. y0 without y_coefs is a clean condition (copied, no noise).
     noise: optional explicit (z_x, z_y). out: optional [B, C_x + C_y, *spatial] buffer (or
-    [B, C_x, ...] without y) of x0's dtype; x_t and y_t are then views into it.
+    [B, C_x, ...] without y) of x0's dtype; x_t and y_t are then views into it. Its x part may be
+    x0, mu or z_x itself and its y part y0 or z_y itself (same layout); any other overlap with an
+    input is refused. Not differentiable: inputs that require grad are refused. An empty batch
+    gives empty results.
     """
     check_like(x0, "x0", x0, "x0")
     if x0.ndim < 2:
@@ -100,11 +103,17 @@ def noise_inject(
             noise_y = None
     else:
         check_seed_offset(seed, offset, x0.numel() + (y0.numel() if noisy_y else 0))
+    for name, t in (("x0", x0), ("x_coefs", x_coefs), ("y0", y0), ("y_coefs", y_coefs), ("mu", mu), ("noise[0]", noise_x), ("noise[1]", noise_y)):
+        check_no_grad(t, name, "noise_inject", None)
     if out is None:
         out_x = torch.empty_like(x0, memory_format=torch.contiguous_format)
         out_y = None if y0 is None else torch.empty_like(y0, memory_format=torch.contiguous_format)
     else:
         out_x, out_y = _split_out(out, x0, y0)
+        coefs = {"x_coefs": x_coefs, "y_coefs": y_coefs}
+        check_out_overlap(out_x, "out (its x part)", {"x0": x0, "mu": mu, "noise[0]": noise_x}, {"y0": y0, "noise[1]": noise_y, **coefs})
+        if out_y is not None:
+            check_out_overlap(out_y, "out (its y part)", {"y0": y0, "noise[1]": noise_y}, {"x0": x0, "mu": mu, "noise[0]": noise_x, **coefs})
     if torch.compiler.is_compiling() or x0.device.type == "meta":
         _noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y, backend)
     else:

@@ -5,6 +5,7 @@ which is what every compiled backend does too; calling with float64 copies of th
 the float64 oracle the kernels are tested against.
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -59,8 +60,8 @@ def noise_inject(
     """
     dtype = compute_dtype(x0.dtype)
     batch = x0.shape[0]
-    x_dim = x0[0].numel() if batch else 0
-    y_dim = y0[0].numel() if (y0 is not None and y_coefs is not None and batch) else 0
+    x_dim = math.prod(x0.shape[1:])
+    y_dim = math.prod(y0.shape[1:]) if (y0 is not None and y_coefs is not None) else 0
     if noise is not None:
         z_x, z_y = noise[0].to(dtype), (noise[1].to(dtype) if noise[1] is not None else None)
     else:
@@ -100,7 +101,7 @@ def weighted_score_loss(
     """
     dtype = compute_dtype(output.dtype)
     batch = output.shape[0]
-    dim = output[0].numel() if batch else 0
+    dim = math.prod(output.shape[1:])
     flat = output.reshape(batch, dim).to(dtype)
     if noise is not None:
         z = noise.reshape(batch, dim).to(dtype)

@@ -360,6 +360,8 @@ def _availability(device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return "float64 runs on the torch reference backend"
     if dtype not in SUPPORTED_DTYPES:
         return f"triton kernels take float32, float16 or bfloat16, got {dtype}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
     if device.type == "cuda" or (device.type == "cpu" and _INTERPRETED):
         return None
     reason = f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type} tensors"
@@ -465,6 +467,8 @@ def _noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed: int, offset:
 
 def _weighted_score_loss(loss, grad, output, coefs, split: Optional[int], seed: int, offset: int, noise, target):
     batch = output.shape[0]
+    if batch == 0:
+        return
     numel = output.numel() // batch
     grad_stride = _check_output_rows(grad, "grad")
     output, output_stride = _sample_rows(output)

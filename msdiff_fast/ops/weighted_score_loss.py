@@ -6,12 +6,13 @@ the same pass and the autograd backward only rescales it per sample (Liger-style
 place when the op reduces the batch itself (``reduction="mean"`` or ``"sum"``).
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from . import reference
-from .dispatch import check_like, check_per_sample, describe, register, resolve
+from .dispatch import check_like, check_no_grad, check_per_sample, describe, register, resolve
 from .philox import check_seed_offset
 
 
@@ -107,17 +108,21 @@ def weighted_score_loss(
     reduction: "none" (the [B] losses), "mean" or "sum" over the batch (a scalar; "mean" puts the
     1/B into the weights). The reductions' backward scales the forward's gradient in place: no
     second x-sized tensor, but a graph kept with retain_graph=True cannot be differentiated twice
-    (autograd says so); "none" can, and create_graph=True works with both.
+    (autograd says so); "none" can, and create_graph=True works with both. Not differentiable in
+    coefs, noise or target (refused when they require grad). An empty batch gives an empty loss
+    ("none"), 0 ("sum"), or ValueError ("mean": the mean of nothing is undefined).
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(describe("reduction", '"none", "mean" or "sum"', repr(reduction)))
     check_like(output, "output", output, "output")
-    if output.ndim < 1 or output.shape[0] == 0:
-        raise ValueError(describe("output", "a non-empty batch [B, ...]", f"shape {tuple(output.shape)}"))
-    batch, dim = output.shape[0], output[0].numel()
+    if output.ndim < 1:
+        raise ValueError(describe("output", "a batch [B, ...]", "a 0-dim tensor"))
+    if output.shape[0] == 0 and reduction == "mean":
+        raise ValueError(describe("output", 'a non-empty batch for reduction="mean" (the mean of no samples is undefined)', f"shape {tuple(output.shape)}"))
+    batch, dim = output.shape[0], math.prod(output.shape[1:])
     segments = 1
     if split is not None:
-        if not isinstance(split, int) or not 0 < split < dim:
+        if not isinstance(split, int) or isinstance(split, bool) or not 0 < split < dim:
             raise ValueError(describe("split", f"an int in (0, {dim}) (elements per sample)", repr(split)))
         segments = 2
     check_per_sample(coefs, "coefs", batch, output.device, (segments, 3))
@@ -127,6 +132,8 @@ def weighted_score_loss(
         check_seed_offset(seed, offset, output.numel())
     if target is not None:
         check_like(target, "target", output, "output", same_dtype=False)
+    for name, t in (("coefs", coefs), ("noise", noise), ("target", target)):
+        check_no_grad(t, name, "weighted_score_loss", "output")
     if reduction == "mean":
         coefs = coefs * coefs.new_tensor([1.0 / batch, 1.0, 1.0])
     loss, _ = _weighted_score_loss(output, coefs, split, seed, offset, noise, target, backend, reduction != "none")

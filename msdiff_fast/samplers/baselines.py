@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from ..sde import LinearSDE, MultiSpeedSDE, VESDE, randn_like
 from .combination import Combination
-from .mr_sampler import call_model, check_state, divergence_limit, initial_state, seed_from
+from .mr_sampler import call_model, check_generator, check_state, divergence_limit, initial_state, seed_from
 from .parameterization import KINDS, check_kind, prediction_coefficients
-from .timesteps import get_timesteps
+from .timesteps import check_steps, get_timesteps
 
 Times = Union[str, Sequence[float], torch.Tensor]
 
@@ -32,6 +32,7 @@ def _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generat
     check_kind("model_output", model_output, KINDS)
     sde.check_mu(mu)
     ts = get_timesteps(sde, steps, timesteps, t_end=t_end)
+    check_generator(generator)
     return sde, ts, initial_state(sde, mu, x_T, shape, generator)
 
 
@@ -48,11 +49,13 @@ def posterior_sample(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, s
     var * (alpha_t y0 / sigma_t^2 + (alpha_s / alpha_t) y_s / v): the IR-SDE posterior for any step size.
     """
     sde, ts, x = _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generator)
+    if x.shape[0] == 0:
+        return x.clone()
     condition = cond if cond is not None else mu
     seed, limit = seed_from(generator), divergence_limit(sde, mu)
     for i in tqdm(range(steps), disable=not progress, desc="posterior", leave=False):
         s, t = float(ts[i]), float(ts[i + 1])
-        output = call_model(model, x, s, condition)
+        output = call_model(model, x, s, condition, i, steps, "posterior_sample")
         x0 = _form(sde, s, model_output, "data", output, x, mu)
         alpha_s, alpha_t, sigma_s, sigma_t = (float(v) for v in (sde.alpha(s), sde.alpha(t), sde.sigma(s), sde.sigma(t)))
         ratio = alpha_s / alpha_t
@@ -82,13 +85,15 @@ def probability_flow_euler(model, sde: LinearSDE, mu: Optional[torch.Tensor] = N
 
 def _euler(model, sde, mu, steps, model_output, timesteps, t_end, x_T, generator, callback, progress, shape, cond, backend, clip, stochastic):
     sde, ts, x = _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generator)
+    if x.shape[0] == 0:
+        return x.clone()
     condition = cond if cond is not None else mu
     seed, limit = seed_from(generator), divergence_limit(sde, mu)
     name = "euler_maruyama" if stochastic else "probability_flow_euler"
     for i in tqdm(range(steps), disable=not progress, desc=name, leave=False):
         s, t = float(ts[i]), float(ts[i + 1])
         dt = s - t
-        output = call_model(model, x, s, condition)
+        output = call_model(model, x, s, condition, i, steps, name)
         score = _form(sde, s, model_output, "score", output, x, mu)
         f, g2 = float(sde.f(s)), float(sde.g2(s))
         score_weight = g2 if stochastic else 0.5 * g2
@@ -165,6 +170,8 @@ def pc_sample(
     model(x_t, t, y_t) with y_t from ``conditioning`` (see ``conditioned_model``); for a plain
     SDE as model(x_t, t, y).
     """
+    check_steps(steps)  # before the time grid below is allocated
+    check_generator(generator)
     if isinstance(sde, MultiSpeedSDE):
         x_sde = sde.x
         times = torch.linspace(float(x_sde.T), float(x_sde.t_end if t_end is None else t_end), steps + 1, dtype=torch.float64)
@@ -180,20 +187,24 @@ def pc_sample(
     x = initial_state(x_sde, None, x_T, shape if x_T is not None or y is None else (shape or y.shape), generator, None if y is None else y.device)
     if y is not None and x_T is None:
         x = x.to(y.dtype)
+    if x.shape[0] == 0:
+        return x.clone()
     seed, limit = seed_from(generator), divergence_limit(x_sde, None)
     draws = 0
     x_mean = x
     for i in tqdm(range(steps), disable=not progress, desc="predictor-corrector", leave=False):
         s, t = float(ts[i]), float(ts[i + 1])
         for _ in range(corrector_steps):
-            score = _form(x_sde, s, model_output, "score", call_model(net, x, s, None), x, None).evaluate(x, backend=backend)
+            output = call_model(net, x, s, None, i, steps, "pc_sample (corrector)")
+            score = _form(x_sde, s, model_output, "score", output, x, None).evaluate(x, backend=backend)
             z = Combination([(x, 0.0)]).evaluate(x, 1.0, seed=seed, offset=draws * x.numel(), backend=backend)
             draws += 1
             score_norm = _mean_norm(score)
             # a zero score (e.g. an untrained, zero-initialised network) has no direction to move in
             step = 2 * _langevin_alpha(x_sde, s, t) * (snr * _mean_norm(z) / score_norm) ** 2 if score_norm > 0 else 0.0
             x = Combination([(x, 1.0), (score, step), (z, math.sqrt(2 * step))]).evaluate(x, backend=backend)
-        score = _form(x_sde, s, model_output, "score", call_model(net, x, s, None), x, None)
+            check_state(x, limit, i, steps, s, s, "pc_sample (corrector)")
+        score = _form(x_sde, s, model_output, "score", call_model(net, x, s, None, i, steps, "pc_sample"), x, None)
         if isinstance(x_sde, VESDE):
             keep, g2 = 1.0, float(x_sde.sigma(s) ** 2 - x_sde.sigma(t) ** 2)
         else:

@@ -34,8 +34,14 @@ class UnstableSolverWarning(UserWarning):
     """A solver configuration known to diverge (noise-prediction SDE with large steps)."""
 
 
+def check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
 def seed_from(generator: Optional[torch.Generator]) -> int:
     """A Philox seed for the fused ops, drawn from ``generator`` (or torch's default one)."""
+    check_generator(generator)
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
@@ -199,17 +205,23 @@ class MRSampler:
         """
         sde = self.sde
         sde.check_mu(mu)
+        check_generator(generator)
         x = initial_state(sde, mu, x_T, shape, generator, device if device is not None else getattr(cond, "device", None))
+        if x.shape[0] == 0:  # an empty batch: nothing to sample, on every backend
+            return x.clone()
         condition = cond if cond is not None else mu
         seed = seed_from(generator)
         history = deque(maxlen=max(self.order - 1, 1))
         limit = divergence_limit(sde, mu)
         for i in tqdm(range(self.steps), disable=not progress, desc="MR Sampler", leave=False):
             s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
-            output = call_model(model, x, s, condition)
+            output = call_model(model, x, s, condition, i, self.steps, "MRSampler", check=self.check_finite)
             prediction = self.prediction_of(output, x, mu, s, seed, i)
             if self.denoise_last and i == self.steps - 1:
-                return self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend)
+                x0 = self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend)
+                if self.check_finite:
+                    check_state(x0, limit, i, self.steps, s, 0.0, "MRSampler (denoise_last)")
+                return x0
             order = self.step_order(i)
             a, weights, m, noise = step_coefficients(self.solver, self.prediction, order, sde, s, t, [lam for lam, _ in history])
             update = Combination([(x, a), (mu, m)])
@@ -255,16 +267,25 @@ def limit_data(x0: torch.Tensor, clip, threshold) -> torch.Tensor:
     return x0
 
 
+def _check_batch(name: str, t) -> None:
+    """A floating-point [B, ...] tensor of finite values (NaN in mu is the caller's, not the solver's)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor [B, ...], got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+    if t.ndim < 1:
+        raise ValueError(f"{name}: expected a tensor with a batch dimension [B, ...], got a 0-dim tensor")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf (shape {tuple(t.shape)})")
+
+
 def initial_state(sde: LinearSDE, mu, x_T, shape, generator, device=None) -> torch.Tensor:
+    if mu is not None:
+        _check_batch("mu", mu)
     if x_T is not None:
-        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
-            raise TypeError(f"x_T: expected a floating-point tensor, got {type(x_T).__name__ if not isinstance(x_T, torch.Tensor) else x_T.dtype}")
+        _check_batch("x_T", x_T)
         if mu is not None and x_T.shape != mu.shape:
             raise ValueError(f"x_T: expected shape {tuple(mu.shape)} (like mu), got {tuple(x_T.shape)}")
         return x_T
     if mu is not None:
-        if not isinstance(mu, torch.Tensor) or not mu.is_floating_point():
-            raise TypeError(f"mu: expected a floating-point tensor, got {type(mu).__name__ if not isinstance(mu, torch.Tensor) else mu.dtype}")
         return sde.prior(mu, generator)
     if shape is None:
         raise ValueError("shape: expected the sample shape [B, C, H, W] when neither mu nor x_T is given, got None")
@@ -272,12 +293,20 @@ def initial_state(sde: LinearSDE, mu, x_T, shape, generator, device=None) -> tor
     return prior if device is None else prior.to(device)
 
 
-def call_model(model: Model, x: torch.Tensor, s: float, condition) -> torch.Tensor:
+def call_model(model: Model, x: torch.Tensor, s: float, condition, i: int = 0, steps: int = 1, name: str = "sampler",
+               check: bool = True) -> torch.Tensor:
+    """model(x, t, condition) for step i, checked: shape of x, a floating dtype (cast to x's), and
+    (``check``) finite values, so that a network producing NaN is named as the cause, not the solver."""
     t = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     output = model(x, t, condition)
     if not isinstance(output, torch.Tensor) or output.shape != x.shape:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(f"model: expected an output of shape {tuple(x.shape)} (like x_t), got {got}")
+    if not output.is_floating_point():
+        raise TypeError(f"model: expected a floating-point output (like x_t, {x.dtype}), got {output.dtype}")
+    if check and not bool(torch.isfinite(output).all()):
+        raise FloatingPointError(f"{name}: the model's output at step {i + 1}/{steps} (t = {s:.4g}) holds NaN or inf; the network "
+                                 f"or its weights produce non-finite values (not a solver problem: more steps will not help)")
     if output.dtype != x.dtype:
         output = output.to(x.dtype)
     return output
@@ -289,6 +318,8 @@ def divergence_limit(sde: LinearSDE, mu: Optional[torch.Tensor]) -> float:
 
 
 def check_state(x: torch.Tensor, limit: float, i: int, steps: int, s: float, t: float, name: str) -> None:
+    if x.numel() == 0:
+        return
     largest = float(x.abs().max())
     if not math.isfinite(largest) or largest > limit:
         what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"

@@ -8,6 +8,19 @@ import torch
 from ..sde import LinearSDE, as_time
 
 KINDS = ("uniform_lambda", "uniform_t", "karras")
+# The most steps any sampler takes. Reference samplers use up to 1000-2000 (predictor-corrector:
+# 1000 steps, 2000 NFE); 10000 is five times that, and bounds a time grid (and the state built
+# from it) to kilobytes: a typo such as --nfe 1000000000 is refused instead of allocating gigabytes.
+MAX_STEPS = 10_000
+# Explicit times may overshoot [0, T] by this much (relative to T), e.g. after a float32 round
+# trip (1.0000000338 for T = 1); they are clamped into [0, T].
+TIME_TOLERANCE = 1e-6
+
+
+def check_steps(steps) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps: expected an int in 1..{MAX_STEPS}, got {steps!r}")
+    return steps
 
 
 def get_timesteps(
@@ -25,8 +38,7 @@ def get_timesteps(
     When lam(t_end) is infinite (sigma(t_end) = 0), the log-SNR spacings place the first steps - 1
     steps down to ``sde.t_lambda_floor`` and the last step goes to t_end.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    check_steps(steps)
     t_start = float(sde.T if t_start is None else t_start)
     t_end = float(sde.t_end if t_end is None else t_end)
     if not 0 <= t_end < t_start <= sde.T:
@@ -67,6 +79,9 @@ def _explicit(times, steps: int, sde: LinearSDE) -> torch.Tensor:
     ts = as_time(torch.as_tensor(times, dtype=torch.float64), "timesteps").flatten()
     if ts.numel() != steps + 1:
         raise ValueError(f"timesteps: expected steps + 1 = {steps + 1} times, got {ts.numel()}")
-    if not torch.isfinite(ts).all() or (ts[1:] >= ts[:-1]).any() or ts[-1] < 0 or ts[0] > sde.T:
-        raise ValueError(f"timesteps: expected strictly decreasing finite times in [0, {sde.T}], got {ts.tolist()}")
-    return ts
+    slack = TIME_TOLERANCE * float(sde.T)
+    inside = bool(torch.isfinite(ts).all()) and ts.min() >= -slack and ts.max() <= sde.T + slack
+    clamped = ts.clamp(0, float(sde.T))
+    if not inside or (clamped[1:] >= clamped[:-1]).any():
+        raise ValueError(f"timesteps: expected strictly decreasing finite times in [0, {sde.T}] (to a relative {TIME_TOLERANCE:g}), got {ts.tolist()}")
+    return clamped

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .checkpoint import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 Size = Union[int, Tuple[int, int], None]
@@ -37,15 +40,70 @@ def check_images(x, name: str = "x") -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- image I/O
-def _open(path: Path, mode: str) -> Image.Image:
+# Decoding refuses images larger than this before their pixels are read: a small file can claim
+# any size in its header (a 97 KB PNG of 10000 x 10000 decodes to 100 MB of grey bytes, 1.2 GB as
+# float32 RGB). 8192 x 8192 is a large photograph; restoring it takes minutes per NFE on a GPU.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+# Pillow modes whose samples are 8-bit, converted by Pillow itself (grey from colour with ITU-R
+# 601 weights); 16-bit grey ("I;16*", and "I" from older Pillow for 16-bit PNGs) is scaled here.
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "PA")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _open(path: Path, mode: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image as an 8-bit Pillow image of ``mode`` ("L" or "RGB"); see ``_decode``."""
+    pixels = _decode(path, 1 if mode == "L" else 3, max_pixels)
+    if pixels.dtype == np.uint16:  # round to the nearest 8-bit level: 257 = 65535 / 255
+        pixels = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+def _decode(path: Path, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Pixels [H, W, channels] as uint8, or uint16 for 16-bit grey files (kept at full precision).
+
+    8-bit grey, RGB and palette images are converted by Pillow (palettes through RGB / RGBA); 16-bit
+    grey is scaled by 1/257 per level where 8 bits are wanted; 16-bit colour PNGs arrive from Pillow
+    at 8 bits. Alpha: an opaque alpha channel is dropped; an image with any transparent pixel is
+    refused, since what lies behind it is unknown (flatten it onto the background you mean first).
+    Raises ValueError for unreadable files and for images over ``max_pixels`` (checked from the
+    header, before any pixel is decoded)."""
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated files fail here and not later
-            return img.convert(mode)
+        with warnings.catch_warnings():  # Pillow's own, higher limit only warns: ours refuses below it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if width * height <= max_pixels:
+                img.load()  # decode now, so truncated files fail here and not later
+                return _pixels(img, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
+    raise ValueError(f"cannot read image {path}: {width}x{height} is {width * height} pixels, more than the limit "
+                     f"of {max_pixels} ({math.isqrt(max_pixels)}^2); downscale or crop it")
+
+
+def _pixels(img: Image.Image, channels: int) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.array(img)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{img.mode} values outside 0..65535 (not a 16-bit image)")
+        grey = values.astype(np.uint16)[..., None]
+        return grey if channels == 1 else np.repeat(grey, 3, axis=2)
+    if img.mode not in _EIGHT_BIT_MODES:
+        raise ValueError(f"Pillow mode {img.mode!r} is not an 8- or 16-bit grey, RGB or palette image; convert it to 8-bit RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    alpha_band = next((band for band in img.getbands() if band in ("A", "a")), None)
+    if alpha_band is not None:
+        alpha = np.array(img.getchannel(alpha_band))
+        if (alpha < 255).any():
+            raise ValueError(f"{int((alpha < 255).sum())} of {alpha.size} pixels are transparent; flatten it onto a "
+                             f"background first (msdiff reads opaque images only)")
+    pixels = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def _to_uint8(img: Image.Image) -> torch.Tensor:
@@ -57,18 +115,28 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return _to_uint8(img).float() / 255
 
 
-def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
-    """Read an image file as float32 [channels, H, W] in [0, 1] (channels 1: grey, 3: RGB)."""
+def read_image(path: PathLike, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Read an image file as float32 [channels, H, W] in [0, 1] (channels 1: grey, 3: RGB).
+
+    8- and 16-bit grey, RGB and palette images are read at their own precision; grey is repeated
+    to RGB, colour is made grey with ITU-R 601 weights. Opaque alpha is dropped; images with
+    transparent pixels and images over ``max_pixels`` pixels raise ValueError (see ``_decode``)."""
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 or 3, got {channels}")
-    return _to_tensor(_open(Path(path), "L" if channels == 1 else "RGB"))
+    pixels = _decode(Path(path), channels, max_pixels)
+    scale = 65535.0 if pixels.dtype == np.uint16 else 255.0
+    return torch.from_numpy(pixels.astype(np.float32) / np.float32(scale)).permute(2, 0, 1).contiguous()
 
 
 def write_image(path: PathLike, x: torch.Tensor) -> None:
-    """Write [C, H, W] (C in 1, 3, 4) or [H, W] in [0, 1] as an 8-bit image (PNG by extension)."""
+    """Write [C, H, W] (C in 1, 3, 4) or [H, W] in [0, 1] as an 8-bit image (format by extension),
+    atomically: a temp file in the same folder replaces ``path`` only once it is complete."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] not in (1, 3, 4)):
         found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"write_image: expected a tensor [C, H, W] with C in 1, 3, 4 or [H, W], got {found}")
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())
+    if image_format is None:
+        raise ValueError(f"write_image: expected a path ending in an image extension (.png, .jpg, ...), got {os.fspath(path)!r}")
     x = x.detach().cpu().float()
     if not torch.isfinite(x).all() or x.min() < -1e-4 or x.max() > 1 + 1e-4:
         raise ValueError(f"write_image: expected finite values in [0, 1], found range "
@@ -76,8 +144,9 @@ def write_image(path: PathLike, x: torch.Tensor) -> None:
     pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     pixels = pixels[0] if x.dim() == 3 and x.shape[0] == 1 else pixels
     pixels = pixels.permute(1, 2, 0) if pixels.dim() == 3 else pixels
+    image = Image.fromarray(pixels.numpy())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.numpy()).save(path)
+    atomic_write(path, lambda handle: image.save(handle, format=image_format))
 
 
 def save_grid(path: PathLike, rows_of_batches, nrow: Optional[int] = None, pad: int = 2,

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .checkpoint import (PathLike, atomic_write, check_compatible, check_description, check_same_description,
-                         latest_checkpoint, prune_checkpoints, read_state, read_weights, resolve_checkpoint,
+                         latest_checkpoint, prune_checkpoints, read_optimizer_state, read_state, read_weights, resolve_checkpoint,
                          save_checkpoint)
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -388,10 +388,11 @@ class Trainer:
         if state["estimator_name"] != self.estimator.name:
             raise ValueError(f"checkpoint {where} was trained with estimator {state['estimator_name']!r}, "
                              f"this trainer uses {self.estimator.name!r}")
-        weights, ema_weights = read_weights(directory, ema=False), read_weights(directory, ema=True)
+        weights = read_weights(directory, ema=False, description=self.description)
+        ema_weights = read_weights(directory, ema=True, description=self.description)
         check_compatible(weights, self.model, where)
         check_compatible(ema_weights, self.model, where)
-        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = read_optimizer_state(directory)
         saved_groups = optimizer_state["optimizer"]["param_groups"]
         own_groups = self.optimizer.param_groups
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
