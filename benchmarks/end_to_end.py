@@ -72,7 +72,7 @@ class StaticMRSampler:
             s, t = float(sampler.timesteps[i]), float(sampler.timesteps[i + 1])
             conversions.insert(0, [float(c) for c in prediction_coefficients(sampler.sde, s, sampler.model_output, sampler.prediction)])
             order = sampler.step_order(i)
-            a, weights, m, noise = step_coefficients(sampler.solver, sampler.prediction, order, sampler.sde, s, t, lams)
+            a, weights, m, noise = step_coefficients(sampler.solver, sampler.prediction, order, sampler.sde, s, t, lams, sampler.multistep)
             lams.insert(0, float(sampler.lams[i]))
             # x_t = a x + m mu + sum_k w_k (c_out_k out_k + c_x_k x_k + c_mu_k mu), k = 0 the current step
             row = [a + weights[0] * conversions[0][1], m + sum(w * conversions[k][2] for k, w in enumerate(weights)), weights[0] * conversions[0][0]]

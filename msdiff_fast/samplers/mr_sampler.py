@@ -7,6 +7,16 @@ extrapolated in lam (order 1: constant, order 2: linear from the previous output
 quadratic). Multistep: one network evaluation per step. The update formulas are those of
 ../shared/reference/mr_sampler.md section 3; every step is one fused ``mr_step`` call.
 
+Two forms of the second-order step (``multistep``), both one evaluation per step and both of
+order 2, differing in how the linear extrapolation q(lam) ~ q0 + (lam - lam_s) D1 / h of the
+prediction enters the step (c0 q0 + c1 D1, c0 the first-order weight):
+- "heun" (default): the extrapolation integrated exactly, c1 = the phi_2 weight of section 3. The
+  MR Sampler code's form (DPM-Solver's "taylor", diffusers' "heun"); the drop-in class relies on it.
+- "midpoint": the prediction held at its extrapolation to the step's midpoint, q0 + D1 / 2, i.e.
+  c1 = c0 / 2 in all four solvers: DPM-Solver++(2M) as k-diffusion (sample_dpmpp_2m) and diffusers
+  (solver_type="midpoint", their default) write it. The two weights differ by O(h^2) on D1 = O(h).
+Third-order steps are the same in both; ``multistep`` applies to the steps that run at order 2.
+
 One deliberate difference from DPM-Solver++(3M) as usually written: the third-order term carries
 2 phi_3, not phi_3. D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 q''/2, and integrating the
 quadratic extrapolation exactly gives -2 phi_3 (data) or -2 sigma_t phi_3 (noise) on it; with
@@ -46,11 +56,17 @@ def seed_from(generator: Optional[torch.Generator]) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
 
-def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, s: float, t: float, previous_lams: Sequence[float]):
+MULTISTEP_FORMS = ("heun", "midpoint")
+
+
+def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, s: float, t: float, previous_lams: Sequence[float], multistep: str = "heun"):
     """Coefficients of x_t = A x_s + sum_j W[j] q_j + M mu + N z, q_0 the newest prediction.
 
-    previous_lams: lam of the times of q_1, q_2 (as many as order - 1).
+    previous_lams: lam of the times of q_1, q_2 (as many as order - 1). multistep: the form of a
+    second-order step, "heun" or "midpoint" (see the module docstring).
     """
+    if multistep not in MULTISTEP_FORMS:
+        raise ValueError(f"multistep: expected one of {MULTISTEP_FORMS}, got {multistep!r}")
     alpha_s, alpha_t = float(sde.alpha(s)), float(sde.alpha(t))
     sigma_s, sigma_t = float(sde.sigma(s)), float(sde.sigma(t))
     lam_s, lam_t = float(sde.lam(s)), float(sde.lam(t))
@@ -89,6 +105,8 @@ def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, 
         noise = sigma_noise
     weights = [c0, 0.0, 0.0]
     if order == 2:
+        if multistep == "midpoint":
+            c1 = 0.5 * c0
         r0 = (lam_s - previous_lams[0]) / h
         weights[0] += c1 / r0
         weights[1] -= c1 / r0
@@ -114,6 +132,8 @@ class MRSampler:
     clip: (low, high) clamp of every data prediction and of the result (None: no clamp);
     threshold: dynamic thresholding quantile for data predictions (Imagen), e.g. 0.995.
     lower_order_final: with fewer than 10 steps, lower the order of the last steps (more stable).
+    multistep: the form of the second-order steps, "heun" (the MR Sampler code's, the default) or
+    "midpoint" (DPM-Solver++(2M) as k-diffusion and diffusers write it); see the module docstring.
     check_finite: raise at the first step that produces NaN/inf or values beyond any sane range.
     """
 
@@ -134,6 +154,7 @@ class MRSampler:
         lower_order_final: bool = True,
         check_finite: bool = True,
         backend: str = "auto",
+        multistep: str = "heun",
     ):
         if isinstance(sde, MultiSpeedSDE):
             sde = sde.x
@@ -150,12 +171,15 @@ class MRSampler:
             raise ValueError(f"clip: expected (low, high) with low < high, got {clip!r}")
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"threshold: expected a quantile in (0, 1], got {threshold!r}")
+        if multistep not in MULTISTEP_FORMS:
+            raise ValueError(f"multistep: expected one of {MULTISTEP_FORMS}, got {multistep!r}")
         self.sde, self.solver, self.order = sde, solver, order
         self.prediction, self.model_output = prediction, model_output
         self.timesteps = get_timesteps(sde, steps, timesteps, t_start, t_end)
         self.steps = steps
         self.denoise_last, self.clip, self.threshold = denoise_last, clip, threshold
         self.lower_order_final, self.check_finite, self.backend = lower_order_final, check_finite, backend
+        self.multistep = multistep
         self.lams = sde.lam(self.timesteps)
         if solver == "sde" and prediction == "noise":
             widest = float((self.lams[1:] - self.lams[:-1]).clamp(max=50).max())
@@ -169,7 +193,8 @@ class MRSampler:
                 )
 
     def __repr__(self):
-        return f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, prediction={self.prediction!r}, model_output={self.model_output!r})"
+        form = f", multistep={self.multistep!r}" if self.multistep != "heun" else ""
+        return f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, prediction={self.prediction!r}, model_output={self.model_output!r}{form})"
 
     @property
     def nfe(self) -> int:
@@ -223,7 +248,7 @@ class MRSampler:
                     check_state(x0, limit, i, self.steps, s, 0.0, "MRSampler (denoise_last)")
                 return x0
             order = self.step_order(i)
-            a, weights, m, noise = step_coefficients(self.solver, self.prediction, order, sde, s, t, [lam for lam, _ in history])
+            a, weights, m, noise = step_coefficients(self.solver, self.prediction, order, sde, s, t, [lam for lam, _ in history], self.multistep)
             update = Combination([(x, a), (mu, m)])
             for weight, form in zip(weights, [prediction] + [form for _, form in history]):
                 update = update + form.scaled(weight)

@@ -119,6 +119,47 @@ class FiniteData(ExactModel):
         return torch.cdist(x.double().reshape(x.shape[0], -1), points).argmin(dim=1)
 
 
+class GaussianMixture(FiniteData):
+    """x0 ~ sum_k w_k N(points[k], std^2 I): FiniteData with components of width ``std``.
+
+    The width sets how sharp the denoiser is: with std small against the distance between
+    components, E[x0 | x_t] switches abruptly from one component to another as sigma falls past
+    that distance (std -> 0 is FiniteData); with std comparable to it the switch is gradual.
+    """
+
+    def __init__(self, points: torch.Tensor, std: float, weights: Optional[torch.Tensor] = None):
+        super().__init__(points, weights)
+        if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0 or std == float("inf"):
+            raise ValueError(f"std: expected a finite positive number, got {std!r}")
+        self.std = float(std)
+
+    def _components(self, sde: LinearSDE, x_t: torch.Tensor, t: torch.Tensor, mu: Optional[torch.Tensor]):
+        """(p(component k | x_t) [B, K], alpha [B, 1], variance of x_t in a component [B, 1], x_t - (1 - alpha) mu [B, D])."""
+        batch = x_t.shape[0]
+        alpha = _per_sample(sde.alpha(t), x_t).expand(batch, *([1] * (x_t.ndim - 1))).reshape(batch, 1)
+        sigma = _per_sample(sde.sigma(t), x_t).expand(batch, *([1] * (x_t.ndim - 1))).reshape(batch, 1)
+        centred = (x_t if mu is None else x_t - (1 - alpha.reshape(-1, *([1] * (x_t.ndim - 1)))) * mu).reshape(batch, -1)
+        variance = alpha**2 * self.std**2 + sigma**2
+        points = self.points.to(x_t.device).reshape(self.points.shape[0], -1)
+        squared = ((centred[:, None] - alpha[:, :, None] * points[None]) ** 2).sum(-1)
+        logits = torch.log(self.weights.to(x_t.device))[None] - 0.5 * squared / variance
+        return torch.softmax(logits, dim=1), alpha, variance, centred
+
+    def posterior_weights(self, sde, x_t, t, mu):
+        return self._components(sde, x_t, t, mu)[0]
+
+    def data_prediction(self, sde, x_t, t, mu):
+        weights, alpha, variance, centred = self._components(sde, x_t, t, mu)
+        points = self.points.to(x_t.device).reshape(self.points.shape[0], -1)
+        # within component k, E[x0 | x_t] = m_k + (alpha std^2 / variance)(x_t - alpha m_k)
+        gain = alpha * self.std**2 / variance
+        return ((1 - alpha * gain) * (weights @ points) + gain * centred).reshape(x_t.shape)
+
+    def sample(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        centres = super().sample(batch, generator)
+        return centres + self.std * torch.randn(centres.shape, generator=generator, dtype=torch.float64)
+
+
 def reference_ode_solution(model, sde: LinearSDE, x: torch.Tensor, t_from: float, t_to: float, mu: Optional[torch.Tensor] = None, model_output: str = "data", steps: int = 2000) -> torch.Tensor:
     """A converged solution of the probability-flow ODE (classical RK4 in the half log-SNR).
 
