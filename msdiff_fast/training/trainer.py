@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from ..distributed import distributed_env
 from .checkpoint import (PathLike, atomic_write, check_compatible, check_description, check_same_description,
                          latest_checkpoint, prune_checkpoints, read_state, read_weights, resolve_checkpoint,
                          save_checkpoint)
@@ -256,23 +257,6 @@ def _collate(items) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- distributed
-def _distributed_env() -> Tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment (0, 0, 1 without it)."""
-    def read(name: str, default: int) -> int:
-        value = os.environ.get(name, str(default))
-        if not value.isdigit():
-            raise ValueError(f"environment variable {name}: expected a non-negative integer, got {value!r}")
-        return int(value)
-
-    world = read("WORLD_SIZE", 1)
-    if world <= 1:
-        return 0, 0, 1
-    rank, local_rank = read("RANK", 0), read("LOCAL_RANK", 0)
-    if rank >= world:
-        raise ValueError(f"environment variable RANK: expected < WORLD_SIZE={world}, got {rank}")
-    return rank, local_rank, world
-
-
 def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
     if name == "auto":
         if not torch.cuda.is_available():
@@ -337,7 +321,7 @@ class Trainer:
         self.description = check_description(description)
         self.config, self.estimator, self.dataset, self.preview = config, estimator, dataset, preview
 
-        self.rank, self.local_rank, self.world_size = _distributed_env()
+        self.rank, self.local_rank, self.world_size = distributed_env()
         if config.batch_size % self.world_size:
             raise ValueError(f"TrainConfig.batch_size: expected a multiple of the world size {self.world_size}, "
                              f"got {config.batch_size}")
