@@ -337,6 +337,21 @@ def official_rows(args, preset: str, device: torch.device):
     return results, reference.revision(args.mr_sampler_dir)
 
 
+def profile_fast_path(args, mr_net, mu, device) -> str:
+    """Where the time of one MR Sampler run (NFE 10, static loop, FastNetwork defaults) goes: torch.profiler's
+    operators by self time."""
+    sampler = MRSampler(MRSDE(50 / 255, "cosine", 0.005), 10, solver="sde", loop="graph" if device.type == "cuda" else "static")
+    net = FastNetwork(copy.deepcopy(mr_net))
+    run = lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1))  # noqa: E731
+    run()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profile.key_averages().table(sort_by=key, row_limit=20)
+
+
 def graph_network_time(args, rows, networks, device):
     """The network alone, NFE calls captured as one CUDA graph: the floor under the graphed loop."""
     for row in rows:
@@ -369,7 +384,7 @@ def report(args, device, per_preset, seconds):
         "clamped to [0, 1]; inf means identical.",
         "",
     ]
-    for preset, (rows, info, notes, official) in per_preset.items():
+    for preset, (rows, info, notes, official, profile) in per_preset.items():
         lines += [f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)", ""]
         if rows and "time" in rows[0].results:
             pc = next(r for r in rows if r.nfe == 2000).results["time"]
@@ -416,6 +431,8 @@ def report(args, device, per_preset, seconds):
                     first_text = "" if first is None else f"{first:.3f}"
                     lines.append(f"| {batch} | {label} | {first_text} | {wall:.3f} | {wall / batch:.3f} | {ratio:.2f}x | {difference:.1e} | {psnr:.1f} |")
             lines.append("")
+        if profile is not None:
+            lines += ["Profile of one fast-path run (NFE 10, static loop, FastNetwork defaults), operators by self time:", "", "```", profile, "```", ""]
         lines += [f"- {note}" for note in notes] + [""]
     out = args.out_dir / f"end_to_end_{device.type}.md"
     out.write_text("\n".join(lines))
@@ -435,6 +452,7 @@ def parse_args():
     parser.add_argument("--mr-sampler-dir", type=Path, default=os.environ.get("MR_SAMPLER_DIR"), help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)")
     parser.add_argument("--official-nfe", type=int, default=10)
     parser.add_argument("--official-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler table of one fast-path run per preset")
     parser.add_argument("--quick", action="store_true", help="tiny preset only, 1024 analytic samples")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -479,7 +497,8 @@ def main():
             if device.type == "cuda":
                 graph_network_time(args, rows, networks, device)
         official = official_rows(args, preset, device) if "official" in args.sections else None
-        per_preset[preset] = (rows, info, notes, official)
+        profile = profile_fast_path(args, mr_net, mu, device) if args.profile else None
+        per_preset[preset] = (rows, info, notes, official, profile)
     out = report(args, device, per_preset, time.perf_counter() - start)
     print(out.read_text())
     print(f"wrote {out}")

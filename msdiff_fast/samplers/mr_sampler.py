@@ -113,7 +113,8 @@ class MRSampler:
     loop: "eager" (a Python loop that checks every step), "static" (every coefficient precomputed
     on the device, no host synchronisation until the end; the same output bit for bit) or "graph"
     (the static loop captured once as a CUDA graph per model and input shape, then replayed;
-    CUDA tensors only). See ``samplers.static.StaticMRSampler``.
+    CUDA tensors only). The static loops are planned at the first call, from the settings then:
+    for other settings build another MRSampler. See ``samplers.static.StaticMRSampler``.
     """
 
     def __init__(

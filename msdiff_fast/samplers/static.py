@@ -156,7 +156,7 @@ class StaticMRSampler:
             dtype = compute_dtype(like.dtype)
             self._coefficients[key] = DeviceCoefficients(
                 [time_tensor(like, step.time) for step in plan.steps],
-                [[torch.tensor([call.coefficients], dtype=dtype).expand(batch, -1).to(device) for call in step.calls] for step in plan.steps],
+                [[torch.tensor([call.coefficients], dtype=dtype).repeat(batch, 1).to(device) for call in step.calls] for step in plan.steps],
                 [[torch.full((batch,), call.noise, dtype=dtype).to(device) if call.noise != 0.0 else None for call in step.calls] for step in plan.steps],
             )
         return self._coefficients[key]
