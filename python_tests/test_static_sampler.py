@@ -25,9 +25,9 @@ def finite_model(sde, kind, dtype):
     return lambda x, t, mu: exact(x.double(), t.double(), None if mu is None else mu.double()).to(dtype)
 
 
-def inputs(sde, dtype, device="cpu", seed=3):
-    mu = torch.rand(SHAPE, generator=generator(seed), dtype=torch.float32).to(device, dtype) if sde.mean_reverting else None
-    return mu
+def degraded(sde, dtype, device="cpu", seed=3):
+    """mu for a mean-reverting SDE, None for VE/VP."""
+    return torch.rand(SHAPE, generator=generator(seed), dtype=torch.float32).to(device, dtype) if sde.mean_reverting else None
 
 
 def both_loops(sde, steps, model, mu, loop="static", seed=5, **options):
@@ -65,7 +65,7 @@ CONFIGURATIONS = [
 @pytest.mark.filterwarnings("ignore::msdiff_fast.samplers.UnstableSolverWarning")
 @pytest.mark.parametrize("sde, solver, order, prediction, model_output, timesteps, steps", CONFIGURATIONS, ids=str)
 def test_static_loop_equals_the_eager_loop_bit_for_bit(sde, solver, order, prediction, model_output, timesteps, steps):
-    mu = inputs(sde, torch.float32)
+    mu = degraded(sde, torch.float32)
     model = finite_model(sde, model_output, torch.float32)
     options = dict(solver=solver, order=order, prediction=prediction, model_output=model_output, timesteps=timesteps)
     (eager, static), (g_eager, g_static) = both_loops(sde, steps, model, mu, **options)
@@ -85,7 +85,7 @@ def test_static_loop_equals_the_eager_loop_bit_for_bit(sde, solver, order, predi
     dict(solver="sde", lower_order_final=False, check_finite=False),
 ], ids=str)
 def test_static_loop_supports_clip_threshold_and_denoise_last(options):
-    mu = inputs(MR, torch.float32)
+    mu = degraded(MR, torch.float32)
     model = finite_model(MR, "noise", torch.float32)
     (eager, static), _ = both_loops(MR, 8, model, mu, **options)
     assert torch.equal(static, eager)
@@ -94,7 +94,7 @@ def test_static_loop_supports_clip_threshold_and_denoise_last(options):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("solver", ["ode", "sde"])
 def test_static_loop_equals_the_eager_loop_in_every_dtype(dtype, solver):
-    mu = inputs(MR, dtype)
+    mu = degraded(MR, dtype)
     (eager, static), _ = both_loops(MR, 7, finite_model(MR, "noise", dtype), mu, solver=solver)
     assert static.dtype == dtype and torch.equal(static, eager)
 
@@ -119,7 +119,7 @@ def test_static_loop_with_a_separate_condition_and_an_explicit_start():
 def test_predrawn_noise_gives_the_same_sample(dtype):
     """The CUDA-graph path draws every step's noise first (the seed then lives outside the graph):
     stream_noise must hold the normals each step draws itself, so the sample is unchanged."""
-    mu = inputs(MR, dtype)
+    mu = degraded(MR, dtype)
     sampler = MRSampler(MR, 6, solver="sde", loop="static")
     static = StaticMRSampler(sampler)
     model = finite_model(MR, "noise", dtype)
@@ -216,7 +216,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("solver", ["ode", "sde"])
 def test_graph_loop_matches_the_eager_loop_on_cuda(solver):
     device = torch.device("cuda")
-    mu = inputs(MR, torch.float32, device)
+    mu = degraded(MR, torch.float32, device)
     net = torch.nn.Conv2d(4, 2, 3, padding=1).to(device)
     model = lambda x, t, m: net(torch.cat([x - m, m], dim=1)) * t.reshape(-1, 1, 1, 1)  # noqa: E731
     graph_sampler = MRSampler(MR, 10, solver=solver, loop="graph")
