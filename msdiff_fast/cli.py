@@ -56,7 +56,7 @@ class Task:
         from .training import make_degradation
 
         builders = {
-            "sr": lambda: make_degradation("sr", factor=options["scale"]),
+            "sr": lambda: make_degradation("sr", factor=options["scale"], up=options.get("upsample", "nearest")),
             "inpaint": lambda: make_degradation("inpaint", hole_fraction=options["hole_fraction"]),
             "edges": lambda: make_degradation("edges"),
             "denoise": lambda: make_degradation("noise", sigma=options["noise_sigma"]),
@@ -71,7 +71,7 @@ class Task:
 TASKS: Dict[str, Task] = {
     task.name: task
     for task in (
-        Task("sr", "super-resolution by --scale (the condition is the low-resolution image, upsampled by nearest neighbour)", ("scale",), 0.5),
+        Task("sr", "super-resolution by --scale (the condition is the low-resolution image upsampled by --upsample)", ("scale", "upsample"), 0.5),
         Task("inpaint", "fill a square hole covering --hole-fraction of the image", ("hole_fraction",), 1.0),
         Task("edges", "image from its Canny edge map (black edges on white)", (), 1.0),
         Task("denoise", "remove white Gaussian noise of --noise-sigma (0-255 scale)", ("noise_sigma",), 1.0),
@@ -81,15 +81,25 @@ TASKS: Dict[str, Task] = {
         Task("jpeg", "remove JPEG artefacts of --quality", ("quality",), 1.0),
     )
 }
-TASK_OPTION_DEFAULTS = {"scale": 2, "hole_fraction": 0.25, "noise_sigma": 25.0, "quality": 10}
+TASK_OPTION_DEFAULTS = {"scale": 2, "upsample": None, "hole_fraction": 0.25, "noise_sigma": 25.0, "quality": 10}
+UPSAMPLING = ("nearest", "bicubic")
 
 
-def task_options(task: str, args: argparse.Namespace) -> Dict:
+def default_upsampling(estimator: Optional[str]) -> str:
+    """How an sr condition is brought to the output size: nearest for the VE estimators (as the
+    CMDE paper), bicubic for mean-reverting models, whose condition mu is where the diffusion
+    starts (IR-SDE): the closer mu is to the image, the less the network has to correct."""
+    return "bicubic" if estimator == "mr" else "nearest"
+
+
+def task_options(task: str, args: argparse.Namespace, estimator: Optional[str] = None) -> Dict:
     """The options of ``task`` from parsed flags (None: the default), checked."""
     options = {}
     for name in TASKS[task].options:
         value = getattr(args, name, None)
         options[name] = TASK_OPTION_DEFAULTS[name] if value is None else value
+    if "upsample" in options and options["upsample"] is None:
+        options["upsample"] = default_upsampling(estimator)
     if "scale" in options and options["scale"] < 1:
         raise CLIError(f"--scale: expected an integer >= 1, got {options['scale']}", 2)
     if "hole_fraction" in options and not 0 < options["hole_fraction"] < 1:
@@ -184,6 +194,14 @@ class ModelSpec:
         return make_estimator(self.estimator, self.x_shape, self.x_shape, **self.estimator_options)
 
 
+# Targets that need far more training than the demo's minutes before their samples are usable.
+UNSTABLE_MR_TARGETS = {
+    "noise": "near t = T the image is 0.5% of x_t - mu, so a noise-predicting network's image estimate divides its error by "
+             "alpha_T = 0.005: after minutes to hours of training it restores photographs in wrong colours (measured: 6-13 dB "
+             "where bicubic scores 31). It is what IR-SDE / DA-CLIP checkpoints use; to train a new model prefer residual",
+}
+
+
 def estimator_options(estimator: str, task: str, args: argparse.Namespace, steps: int) -> Dict:
     """Keyword arguments of ``<Estimator>.for_images`` from flags (JSON-able, stored in checkpoints)."""
     sigma_y = getattr(args, "sigma_y", None)
@@ -199,7 +217,10 @@ def estimator_options(estimator: str, task: str, args: argparse.Namespace, steps
         return {"sigma_y_target": sigma_y, "target_step": max(1, steps // 2) if target_step is None else target_step, **preconditioning}
     if estimator == "mr":
         mr_sigma = getattr(args, "mr_sigma", None)
-        return {"lam_inf": (50.0 if mr_sigma is None else mr_sigma) / 255.0, "target": getattr(args, "mr_target", None) or "noise"}
+        target = getattr(args, "mr_target", None) or "residual"
+        if target in UNSTABLE_MR_TARGETS:
+            print(f"msdiff: warning: --mr-target {target}: {UNSTABLE_MR_TARGETS[target]}", file=sys.stderr)
+        return {"lam_inf": (50.0 if mr_sigma is None else mr_sigma) / 255.0, "target": target}
     return preconditioning
 
 
@@ -318,9 +339,39 @@ def restore_batch(network: torch.nn.Module, estimator, y: torch.Tensor, spec: Sa
     return x.clamp(0.0, 1.0)
 
 
-def upsample_condition(low_resolution: torch.Tensor, scale: int) -> torch.Tensor:
-    """The SR condition from a low-resolution image [..., h, w]: nearest upsampling, as in training."""
-    return low_resolution.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+def restore_images(network: torch.nn.Module, estimator, conditions: Sequence[torch.Tensor], spec: SamplerSpec, generator: torch.Generator,
+                   tile: int, overlap: int, batch: int, progress: bool = False, description: str = "restore") -> List[torch.Tensor]:
+    """Restore conditions [C, H, W] of any sizes (on the network's device): one sample each, in order.
+
+    The sampler runs on whole images and only the network is evaluated tile by tile
+    (``tiling.TiledNetwork``: one noise draw per image, so neighbouring tiles agree and no seams
+    show); images of one size are restored together, ``batch`` tiles per network call."""
+    from .tiling import TiledNetwork, TileLayout
+
+    tiled = TiledNetwork(network, tile, overlap, batch)
+    by_size: Dict[Tuple[int, ...], List[int]] = {}
+    for index, condition in enumerate(conditions):
+        by_size.setdefault(tuple(condition.shape), []).append(index)
+    restored: List[Optional[torch.Tensor]] = [None] * len(conditions)
+    with tqdm(total=len(conditions), desc=description, unit="image", disable=not progress) as bar:
+        for shape, indices in by_size.items():
+            tiles = len(TileLayout.for_image(shape[1], shape[2], tile, overlap))
+            per_call = max(1, batch // tiles)
+            for start in range(0, len(indices), per_call):
+                chosen = indices[start:start + per_call]
+                output = restore_batch(tiled, estimator, torch.stack([conditions[i] for i in chosen]), spec, generator)
+                for i, image in zip(chosen, output):
+                    restored[i] = image
+                bar.update(len(chosen))
+    return restored
+
+
+def upsample_condition(low_resolution: torch.Tensor, scale: int, mode: str = "nearest") -> torch.Tensor:
+    """The SR condition from a low-resolution image [C, h, w], upsampled as in training."""
+    if mode == "nearest":
+        return low_resolution.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    size = (low_resolution.shape[-2] * scale, low_resolution.shape[-1] * scale)
+    return torch.nn.functional.interpolate(low_resolution[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -441,7 +492,7 @@ def _one_line(error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- train
 def command_train(args: argparse.Namespace) -> int:
-    from .training import ConditionalPairs, ImageFolder, SyntheticImages
+    from .training import ConditionalPairs
     from .training.checkpoint import latest_checkpoint, read_state
     from .training.trainer import TrainConfig, Trainer
 
@@ -470,7 +521,7 @@ def command_train(args: argparse.Namespace) -> int:
     steps = args.steps
     spec = ModelSpec(
         task=task,
-        task_options=stored.task_options if stored is not None and _no_task_flags(args) else task_options(task, args),
+        task_options=stored.task_options if stored is not None and _no_task_flags(args) else task_options(task, args, estimator_name),
         estimator=estimator_name,
         estimator_options=stored.estimator_options if stored is not None and _no_estimator_flags(args) else estimator_options(estimator_name, task, args, steps),
         preset=chosen("preset", "tiny"),
@@ -490,19 +541,14 @@ def command_train(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise CLIError(_flag_message(err), 2) from None
-    if args.data is not None:
-        try:
-            images = ImageFolder(args.data, size=spec.image_size, crop="random", channels=spec.channels)
-        except (FileNotFoundError, ValueError) as err:
-            raise CLIError(f"--data: {_one_line(err)}") from None
-    else:
-        images = SyntheticImages(args.synthetic_count, spec.image_size, spec.channels, seed=config.seed)
+    images = training_images(args.data, spec, config.seed, args.synthetic_count, args.data_resize, args.downscale)
     dataset = ConditionalPairs(images, spec.degradation(), seed=config.seed)
     model = spec.network(seed=config.seed)
     estimator = spec.build_estimator()
     preview = _preview_writer(spec, dataset, out, device) if args.preview_every else None
-    write_json(out / "msdiff_train.json", {"command": _command_line(), "spec": spec.description(), "data": str(args.data) if args.data else f"SyntheticImages({args.synthetic_count})"})
-    print(f"msdiff train: {spec.estimator} for {spec.task} on {'images in ' + str(args.data) if args.data else f'{args.synthetic_count} synthetic images'} "
+    data_name = describe_data(args.data, args.synthetic_count, args.downscale)
+    write_json(out / "msdiff_train.json", {"command": _command_line(), "spec": spec.description(), "data": data_name})
+    print(f"msdiff train: {spec.estimator} for {spec.task} on {data_name} "
           f"at {spec.image_size}x{spec.image_size}, {spec.preset} U-Net ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
           f"{config.steps} steps of {config.batch_size} on {device}", file=sys.stderr)
     trainer = Trainer(model, estimator, dataset, config, preview=preview, description=spec.description())
@@ -515,6 +561,43 @@ def command_train(args: argparse.Namespace) -> int:
     print(f"trained to step {trainer.step} in {trainer.seconds:.0f} s (last logged loss {format_number(loss, 4)}); checkpoint {checkpoint}")
     print(f"next: msdiff sample --checkpoint {out} --input DEGRADED_IMAGES --out RESTORED")
     return 0
+
+
+DATA_SOURCES = ("synthetic", "photos")
+
+
+def training_images(data: Optional[str], spec: ModelSpec, seed: int, synthetic_count: int = 4096, resize: bool = False, downscale: int = 4):
+    """The clean training images of ``--data``: synthetic (the default), photos (scikit-image's
+    photographs, downscaled, random patches at their own resolution) or a folder (random patches)."""
+    from .training import ImageFolder, SyntheticImages
+    from .training.data import ImagePatches
+
+    if data is None or data == "synthetic":
+        return SyntheticImages(synthetic_count, spec.image_size, spec.channels, seed=seed)
+    if data in DATA_SOURCES and Path(data).exists():
+        raise CLIError(f"--data {data}: ambiguous, it names both a data source and a folder here; write ./{data} for the folder", 2)
+    if downscale < 1:
+        raise CLIError(f"--downscale: expected an integer >= 1, got {downscale}", 2)
+    if data == "photos":
+        from .training.photos import TRAINING_PHOTOS, load_photos
+
+        try:
+            photos = load_photos(TRAINING_PHOTOS, spec.channels, downscale)
+        except ImportError as err:
+            raise CLIError(f"--data photos: {_one_line(err)}") from None
+        return ImagePatches(list(photos.values()), spec.image_size, "random", patches_per_image=64)
+    try:
+        return ImageFolder(data, size=spec.image_size, crop="random", channels=spec.channels, resize=resize)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--data: {_one_line(err)}") from None
+
+
+def describe_data(data: Optional[str], synthetic_count: int, downscale: int) -> str:
+    if data is None or data == "synthetic":
+        return f"{synthetic_count} synthetic images"
+    if data == "photos":
+        return f"scikit-image's training photographs (downscaled {downscale}x)"
+    return f"images in {data}"
 
 
 def _preset_size(preset: str) -> int:
@@ -563,7 +646,6 @@ def _preview_writer(spec: ModelSpec, dataset, out: Path, device: torch.device):
 
 # ---------------------------------------------------------------------------- sample
 def command_sample(args: argparse.Namespace) -> int:
-    from .tiling import restore_tiled
     from .training import write_image
 
     device = device_from(args.device)
@@ -586,28 +668,26 @@ def command_sample(args: argparse.Namespace) -> int:
     for path in files:
         image = load_image(path, spec.channels)
         if spec.task == "sr" and not args.inputs_upsampled:
-            image = upsample_condition(image, spec.task_options["scale"])
+            image = upsample_condition(image, spec.task_options["scale"], spec.task_options.get("upsample", "nearest"))
         conditions.append(image)
     generator = torch.Generator().manual_seed(args.seed)
     print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
           f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}, tiles {tile}px overlap {overlap}", file=sys.stderr)
 
-    def restore(batch: torch.Tensor) -> torch.Tensor:
-        return restore_batch(trained.network, trained.estimator, batch.to(device), sampler, generator).cpu()
-
     started = time.perf_counter()
     written = 0
+    conditions = [condition.to(device) for condition in conditions]
     for sample_index in range(args.num_samples):
         target = out / f"sample_{sample_index}" if args.num_samples > 1 else out
-        for start in tqdm(range(0, len(files), args.batch), desc=f"sample {sample_index + 1}/{args.num_samples}", unit="batch", disable=args.no_progress):
-            restored = restore_tiled(restore, conditions[start:start + args.batch], tile, overlap, args.batch)
-            for path, image in zip(files[start:start + args.batch], restored):
-                destination = target / path.relative_to(args.input).with_suffix(".png")
-                try:
-                    write_image(destination, image)
-                except OSError as err:
-                    raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
-                written += 1
+        restored = restore_images(trained.network, trained.estimator, conditions, sampler, generator, tile, overlap, args.batch,
+                                  progress=not args.no_progress, description=f"sample {sample_index + 1}/{args.num_samples}")
+        for path, image in zip(files, restored):
+            destination = target / path.relative_to(args.input).with_suffix(".png")
+            try:
+                write_image(destination, image.cpu())
+            except OSError as err:
+                raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
+            written += 1
     seconds = time.perf_counter() - started
     print(f"wrote {written} images to {out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
     return 0
@@ -714,7 +794,7 @@ def command_bench(args: argparse.Namespace) -> int:
     else:
         estimator_name = args.estimator or "cmde"
         task = args.task or "sr"
-        spec = ModelSpec(task, task_options(task, args), estimator_name, estimator_options(estimator_name, task, args, 1000),
+        spec = ModelSpec(task, task_options(task, args, estimator_name), estimator_name, estimator_options(estimator_name, task, args, 1000),
                          "tiny", args.image_size or 32, 3)
         torch.manual_seed(args.seed)
         network, estimator = spec.network().to(device).eval(), spec.build_estimator()
@@ -783,9 +863,11 @@ def _run_benchmark_script(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def command_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from .demo import DATA, DemoSettings, run_demo
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings.full()
+    if args.data not in DATA:
+        raise CLIError(f"--data: expected one of {', '.join(DATA)}, got {args.data!r}", 2)
+    settings = DemoSettings.quick(args.data) if args.quick else DemoSettings.full(args.data)
     overrides = {name: getattr(args, name) for name in ("train_steps", "batch_size", "test_images", "pc_nfe", "posterior_nfe", "image_size", "seed") if getattr(args, name) is not None}
     if args.nfe is not None:
         overrides["nfe"] = tuple(args.nfe)
@@ -819,6 +901,8 @@ def _add_common(parser: argparse.ArgumentParser, device: bool = True) -> None:
 
 def _add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, help=f"sr: upscaling factor (default {TASK_OPTION_DEFAULTS['scale']})")
+    parser.add_argument("--upsample", choices=UPSAMPLING, help="sr: how the low-resolution condition is brought to the output size "
+                        "(default: bicubic for --estimator mr, whose diffusion starts from it; nearest for the others, as the CMDE paper)")
     parser.add_argument("--hole-fraction", dest="hole_fraction", type=float, help=f"inpaint: hole area fraction (default {TASK_OPTION_DEFAULTS['hole_fraction']})")
     parser.add_argument("--noise-sigma", dest="noise_sigma", type=float, help=f"denoise: noise std on the 0-255 scale (default {TASK_OPTION_DEFAULTS['noise_sigma']:g})")
     parser.add_argument("--quality", type=int, help=f"jpeg: JPEG quality 1-100 (default {TASK_OPTION_DEFAULTS['quality']})")
@@ -841,24 +925,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msdiff_fast {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    demo = commands.add_parser("demo", formatter_class=_HelpFormatter, help="train, sample and evaluate small models on a CPU; write a report",
-                               description=("Trains a CMDE super-resolution model and a mean-reverting denoising model (tiny U-Net) on synthetic\n"
-                                            "images, samples them with the fast MR Sampler solvers (NFE 5/10/20) and the reference samplers\n"
-                                            "(predictor-corrector, posterior sampling), evaluates them and writes to --out:\n"
+    demo = commands.add_parser("demo", formatter_class=_HelpFormatter, help="train, sample and evaluate three restoration models on a CPU; write a report",
+                               description=("Trains a mean-reverting denoiser, a mean-reverting x2 super-resolution model and the paper's CMDE x2\n"
+                                            "super-resolution model (tiny U-Net) on random patches of real photographs (scikit-image ships them;\n"
+                                            "nothing is downloaded), restores whole photographs it never trained on with the fast MR Sampler\n"
+                                            "(NFE 1/5/10/20) and the reference samplers (posterior sampling, predictor-corrector), evaluates\n"
+                                            "them against the input (noisy image, bicubic upsampling) and writes to --out:\n"
                                             "  report.md     what was run, metrics table, timings, NFE and speed-up\n"
                                             "  metrics.json  every number of the report\n"
-                                            "  samples.png   condition / samples / ground truth\n"
+                                            "  samples.png   input / posterior mean / a fast sample / reference / ground truth, whole photographs\n"
                                             "  nfe_curve.png quality vs NFE per sampler\n"
-                                            "About 15 minutes on 2 CPU cores; --quick takes under 2 minutes (tiny settings, for CI).\n"
+                                            "  runs/         the checkpoints (msdiff sample --checkpoint runs/sr_mr ...)\n"
+                                            "About 15 minutes on 2 CPU cores; --quick takes about a minute (tiny settings, for CI).\n"
                                             "Seeded: the same command on the same machine gives the same numbers."),
-                               epilog="example:\n  msdiff demo --out demo_out\n  msdiff demo --quick --out /tmp/demo")
+                               epilog="example:\n  msdiff demo --out demo_out\n  msdiff demo --quick --out /tmp/demo\n  msdiff demo --data synthetic --out demo_synthetic")
     demo.add_argument("--out", required=True, help="output directory (created if needed)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for CI: finite numbers, not meaningful quality")
-    demo.add_argument("--train-steps", dest="train_steps", type=int, help="training steps per model (default: 2500 full, 20 quick)")
+    demo.add_argument("--data", default="photos", help="photos (scikit-image's photographs; pip install scikit-image) or synthetic (procedural images)")
+    demo.add_argument("--train-steps", dest="train_steps", type=int, help="training steps per model (default: 800 photos, 1500 synthetic, 20 quick)")
     demo.add_argument("--batch-size", dest="batch_size", type=int, help="training batch (default: 16 full, 4 quick)")
-    demo.add_argument("--image-size", dest="image_size", type=int, help="image size, a multiple of 4 (default 16)")
-    demo.add_argument("--test-images", dest="test_images", type=int, help="held-out images to restore (default: 16 full, 2 quick)")
-    demo.add_argument("--nfe", type=int, nargs="+", help="NFEs of the fast samplers (default: 5 10 20)")
+    demo.add_argument("--image-size", dest="image_size", type=int, help="training patch and tile size, a multiple of 4 (default: 32 photos, 16 synthetic and quick)")
+    demo.add_argument("--test-images", dest="test_images", type=int, help="held-out images to restore (photos: at most 2; synthetic default 16)")
+    demo.add_argument("--nfe", type=int, nargs="+", help="NFEs of the fast samplers (default: 1 5 10 20; 1 is the posterior mean)")
     demo.add_argument("--pc-nfe", dest="pc_nfe", type=int, help="NFE of predictor-corrector (usual and full default: 2000; quick 10)")
     demo.add_argument("--posterior-nfe", dest="posterior_nfe", type=int, help="NFE of posterior sampling (usual and full default: 100; quick 5)")
     demo.add_argument("--seed", type=int, help="seed of data, training and sampling (default 0)")
@@ -887,11 +975,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cde/cdiffe/cmde/vscmde: EDM preconditioning of x with this data std (0.5 suits images in [0, 1]); "
                             "far faster to train than the paper's plain noise prediction (default: none, as the paper)")
     train.add_argument("--mr-sigma", dest="mr_sigma", type=float, help="mr: stationary noise std on the 0-255 scale (default 50, as DA-CLIP)")
-    train.add_argument("--mr-target", dest="mr_target", choices=("noise", "data", "velocity"), help="mr: what the network predicts (default noise, as IR-SDE / DA-CLIP; data needs far less training before its samples are good)")
+    train.add_argument("--mr-target", dest="mr_target", choices=("residual", "data", "noise", "velocity"),
+                       help="mr: what the network predicts. residual (default): the clean image minus mu, so an untrained network "
+                            "already restores to mu and training learns the correction; data: the clean image; noise: as IR-SDE / "
+                            "DA-CLIP, which needs far longer training (a warning says why)")
     train.add_argument("--preset", help="U-Net preset: tiny, edges2shoes_64, celeba_inpaint_128, celeba_sr_x8_160 (default tiny)")
     train.add_argument("--image-size", dest="image_size", type=int, help="training image size (default: the preset's)")
     train.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB (default 3)")
-    train.add_argument("--data", help="folder of training images (default: synthetic images)")
+    train.add_argument("--data", help="training images: synthetic (made here, the default), photos (scikit-image's photographs: "
+                       "pip install scikit-image) or a folder; photos and folders give random patches of --image-size at the "
+                       "images' own resolution")
+    train.add_argument("--data-resize", dest="data_resize", action="store_true",
+                       help="folder: resize each image so its shorter side is --image-size before cropping (for data meant to be seen "
+                            "whole, e.g. aligned faces); restoration models want the default native-resolution patches")
+    train.add_argument("--downscale", type=int, default=4, help="photos: average DxD pixel blocks first (the demo's scale)")
     train.add_argument("--synthetic-count", dest="synthetic_count", type=int, default=4096, help="number of synthetic images when --data is not given")
     train.add_argument("--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this)")
     train.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 16)")

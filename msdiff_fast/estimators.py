@@ -326,7 +326,7 @@ class _ConditionalEstimator(Estimator):
         """
         if not callable(model):
             raise TypeError(f"model: expected a callable model(input, t), got {type(model).__name__}")
-        _check_images(y, "y", self.y_shape)
+        _check_images(y, "y", self.y_shape, any_size=True)
         mode = self.default_mode if mode is None else mode
         if not self.diffuses_y and mode != "clean":
             raise ValueError(f"mode: expected 'clean' for {self.name} (its condition is never diffused), got {mode!r}")
@@ -484,21 +484,30 @@ class MeanReverting(Estimator):
     """Mean-reverting (IR-SDE / DA-CLIP style) diffusion: x_t = mu + alpha (x0 - mu) + sigma z.
 
     y0 is mu, the degraded image. Network input cat(x_t - mu, mu), output like x. target:
-    "noise" (||NN - z||^2), "data" (||NN - x0||^2) or "velocity" (||NN - v||^2 with
+    "noise" (||NN - z||^2), "data" (||NN - x0||^2), "residual" (||NN - (x0 - mu)||^2: the clean
+    image is mu + NN) or "velocity" (||NN - v||^2 with
     v = (L alpha z - (sigma / L)(x0 - mu)) / sqrt(alpha^2 + (sigma / L)^2), L = lam_inf: the
     samplers' velocity, whose normaliser is 1 for MRSDE and on IR-SDE's grid), each with the
-    uniform weight 1 / D_x. ``sampling_model(net)`` returns model(x_t, t, mu) giving that kind.
+    uniform weight 1 / D_x. ``sampling_model(net)`` returns model(x_t, t, mu) giving the
+    ``model_output`` kind: the target, except "data" (mu + NN) for "residual".
+
+    Why "residual": near t = T the image signal is alpha_T = 0.005 of x_t - mu, so every target
+    must come from mu there; a noise-predicting network's image estimate divides its error by
+    alpha and a briefly trained one restores photographs in wrong colours. Predicting the
+    difference from mu, with the network's zero-initialised output layer, starts training at
+    "the restoration is mu" (e.g. the bicubic upsampling) and only has to learn the correction.
     """
 
     name = "mr"
-    TARGETS = ("noise", "data", "velocity")
+    TARGETS = ("noise", "data", "residual", "velocity")
 
     def __init__(self, sde: LinearSDE, target: str = "noise", x_shape=None, t_eps: Optional[float] = None):
         if not isinstance(sde, LinearSDE) or not sde.mean_reverting:
             raise TypeError(f"sde: expected a mean-reverting SDE (MRSDE or MRSDE.from_irsde), got {type(sde).__name__}")
         if target not in self.TARGETS:
             raise ValueError(f"target: expected one of {self.TARGETS}, got {target!r}")
-        self.model_output = target
+        self.target = target
+        self.model_output = "data" if target == "residual" else target
         super().__init__(sde, x_shape, x_shape, t_eps)
 
     @classmethod
@@ -523,11 +532,11 @@ class MeanReverting(Estimator):
         return self.model_input_channels(image_channels, cond_channels) // 2
 
     def state_dict(self) -> Dict:
-        return {"name": self.name, "sde": repr(self.sde), "target": self.model_output}
+        return {"name": self.name, "sde": repr(self.sde), "target": self.target}
 
     def load_state_dict(self, state: Dict) -> None:
         super().load_state_dict(state)
-        for key, mine in (("sde", repr(self.sde)), ("target", self.model_output)):
+        for key, mine in (("sde", repr(self.sde)), ("target", self.target)):
             if state.get(key) != mine:
                 raise ValueError(f"state: the checkpoint was trained with {key} = {state.get(key)!r}, this estimator has {mine!r}; build the estimator with the checkpoint's")
 
@@ -535,9 +544,9 @@ class MeanReverting(Estimator):
         """[B, 1, 3] float64 (weight 1 / D, noise scale k, target scale c) for the target."""
         weight = torch.full_like(t, 1.0 / dim)
         zero, one = torch.zeros_like(t), torch.ones_like(t)
-        if self.model_output == "noise":
+        if self.target == "noise":
             k, c = one, zero
-        elif self.model_output == "data":
+        elif self.target in ("data", "residual"):
             k, c = zero, one
         else:
             alpha, sigma, scale = self.sde.alpha(t), self.sde.sigma(t), self.sde.velocity_scale
@@ -565,7 +574,7 @@ class MeanReverting(Estimator):
         noise_inject(data_minus_mu, x_coefs, y0.contiguous(), None, seed=seed, offset=offset, noise=None if noise is None else (noise, None), out=network_input)
         output = model(network_input, t.to(coef_dtype))
         _check_output(output, tuple(x0.shape), f"{x0.shape[1]} channels like x, unet_preset(..., estimator='mr')")
-        target = {"noise": None, "data": x0, "velocity": data_minus_mu}[self.model_output]
+        target = {"noise": None, "data": x0, "residual": data_minus_mu, "velocity": data_minus_mu}[self.target]
         coefs = self.loss_coefficients(t, dim).to(coef_dtype)
         return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, noise=noise, target=None if target is None else target.contiguous(),
                                    reduction="mean")
@@ -581,7 +590,7 @@ class MeanReverting(Estimator):
         if mode not in (None, "clean"):
             raise ValueError(f"mode: expected None or 'clean' for mean-reverting diffusion (mu is never diffused), got {mode!r}")
         if y is not None:
-            _check_images(y, "y", self.y_shape)
+            _check_images(y, "y", self.y_shape, any_size=True)
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, mu: Optional[torch.Tensor]) -> torch.Tensor:
             mu = y if mu is None else mu
@@ -589,7 +598,7 @@ class MeanReverting(Estimator):
                 raise ValueError("mu: expected the degraded image (pass it to the sampler or as y), got None")
             output = model(torch.cat([x_t - mu, mu], dim=1), t)
             _check_output(output, tuple(x_t.shape), f"{x_t.shape[1]} channels like x, unet_preset(..., estimator='mr')")
-            return output
+            return mu + output if self.target == "residual" else output
 
         return predict
 
@@ -624,14 +633,18 @@ def _check_shape(shape, name: str) -> Optional[Shape]:
     return tuple(shape)
 
 
-def _check_images(x, name: str, shape: Optional[Shape]) -> None:
+def _check_images(x, name: str, shape: Optional[Shape], any_size: bool = False) -> None:
+    """any_size: only the channels must match ``shape`` (sampling whole images with a convolutional
+    or tiled network trained on crops)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor [B, C, H, W], got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype in {[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch [B, C, H, W], got shape {tuple(x.shape)}")
-    if shape is not None and tuple(x.shape[1:]) != shape:
+    if shape is not None and any_size and x.shape[1] != shape[0]:
+        raise ValueError(f"{name}: expected [B, {shape[0]}, H, W] ({shape[0]} channels, the estimator's {name[0]}_shape), got shape {tuple(x.shape)}")
+    if shape is not None and not any_size and tuple(x.shape[1:]) != shape:
         raise ValueError(f"{name}: expected [B, {', '.join(map(str, shape))}] (the estimator's {name[0]}_shape), got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: expected finite values, found NaN or inf")

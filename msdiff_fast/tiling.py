@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["TileLayout", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
+__all__ = ["TileLayout", "TiledNetwork", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -173,3 +173,59 @@ def restore_tiled(
         results.append(merge_tiles(restored_tiles[start:start + len(layout)], layout))
         start += len(layout)
     return results
+
+
+class TiledNetwork(torch.nn.Module):
+    """``network(x, t)`` evaluated on overlapping tiles of its training size and blended, so that a
+    sampler can run on whole images of any size.
+
+    Sampling each tile on its own (``restore_tiled``) draws independent noise in every tile, and
+    neighbours then disagree in their overlap: blending two different samples leaves visible
+    seams and blur. Here the sampler's state, its prior draw and every noise draw cover the whole
+    image; only each network evaluation is split into tiles ([B * tiles, C, tile, tile], at most
+    ``max_batch`` per call) whose outputs are blended with the same raised-cosine weights. A
+    network output is a smooth function of its input, so two tiles that see the same pixels
+    agree up to their border effects, which the blend fades out. Inputs of exactly the tile size
+    go straight to ``network``.
+    """
+
+    def __init__(self, network: Callable, tile: int, overlap: int, max_batch: int = 64):
+        super().__init__()
+        if not callable(network):
+            raise TypeError(f"network: expected a callable network(x, t), got {type(network).__name__}")
+        _check_int(tile, "tile", 1)
+        _check_int(overlap, "overlap", 0)
+        if overlap >= tile:
+            raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
+        self.network, self.tile, self.overlap, self.max_batch = network, tile, overlap, _check_int(max_batch, "max_batch", 1)
+        self._weights: dict = {}
+
+    def _layout_and_weights(self, height: int, width: int, device, dtype) -> Tuple[TileLayout, torch.Tensor]:
+        key = (height, width, device, dtype)
+        if key not in self._weights:
+            layout = TileLayout.for_image(height, width, self.tile, self.overlap)
+            weights = blend_weights(layout)
+            tiles = torch.stack([weights[i, top:top + self.tile, left:left + self.tile] for i, (top, left) in enumerate(layout.corners)])
+            self._weights = {key: (layout, tiles.to(device, dtype))}  # one size at a time: a sampler's whole run
+        return self._weights[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a tensor [B, C, H, W], got {got}")
+        batch, _, height, width = x.shape
+        if (height, width) == (self.tile, self.tile):
+            return self.network(x, t)
+        layout, weights = self._layout_and_weights(height, width, x.device, x.dtype)
+        padded = torch.stack([_pad(image, layout.padded_height, layout.padded_width) for image in x])
+        tiles = torch.stack([padded[:, :, top:top + self.tile, left:left + self.tile] for top, left in layout.corners], dim=1)
+        tiles = tiles.reshape(batch * len(layout), x.shape[1], self.tile, self.tile)
+        t = torch.as_tensor(t, device=x.device)
+        times = (t.expand(batch) if t.ndim == 0 else t).repeat_interleave(len(layout))
+        outputs = torch.cat([self.network(tiles[i:i + self.max_batch], times[i:i + self.max_batch])
+                             for i in range(0, tiles.shape[0], self.max_batch)])
+        outputs = outputs.reshape(batch, len(layout), -1, self.tile, self.tile) * weights[None, :, None]
+        merged = outputs.new_zeros(batch, outputs.shape[2], layout.padded_height, layout.padded_width)
+        for index, (top, left) in enumerate(layout.corners):
+            merged[:, :, top:top + self.tile, left:left + self.tile] += outputs[:, index]
+        return merged[:, :, :height, :width]

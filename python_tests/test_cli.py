@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from msdiff_fast.cli import main, parse_arguments
-from msdiff_fast.tiling import TileLayout, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
+from msdiff_fast.cli import ModelSpec, main, parse_arguments
+from msdiff_fast.tiling import TileLayout, TiledNetwork, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
 from msdiff_fast.training import SyntheticImages, write_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +96,81 @@ def test_tiling_rejects_bad_arguments():
         restore_tiled(lambda batch: batch[:, :, :8], [torch.zeros(3, 16, 16)], 16, 4, 2)
 
 
+@pytest.mark.parametrize("height, width", [(16, 16), (13, 9), (45, 70), (40, 23)])
+def test_tiled_network_of_a_pixelwise_network_is_the_network_on_the_whole_image(height, width):
+    """Every tile sees the same pixels at the same place: a per-pixel network gives the same
+    output through the tiles as on the whole image (the weights sum to one)."""
+    weight = torch.randn(2, 5, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def pixelwise(x, t):
+        return torch.nn.functional.conv2d(x, weight) * t.reshape(-1, 1, 1, 1)
+
+    x = torch.randn(3, 5, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    tiled = TiledNetwork(pixelwise, tile=16, overlap=4, max_batch=5)
+    torch.testing.assert_close(tiled(x, t), pixelwise(x, t), rtol=0, atol=1e-12)
+
+
+def test_tiled_network_calls_the_network_on_tiles_in_batches():
+    calls = []
+
+    def network(x, t):
+        calls.append((tuple(x.shape), t.clone()))
+        return x[:, :1].clone()
+
+    x = torch.rand(2, 3, 40, 23)
+    tiled = TiledNetwork(network, tile=16, overlap=4, max_batch=4)
+    tiled(x, torch.tensor([0.25, 0.75]))
+    tiles = len(TileLayout.for_image(40, 23, 16, 4))
+    assert sum(shape[0] for shape, _ in calls) == 2 * tiles and max(shape[0] for shape, _ in calls) <= 4
+    assert all(shape[1:] == (3, 16, 16) for shape, _ in calls)
+    times = torch.cat([t for _, t in calls])
+    assert torch.equal(times, torch.tensor([0.25] * tiles + [0.75] * tiles))
+    calls.clear()
+    assert torch.equal(tiled(x[:, :, :16, :16], torch.tensor([0.5, 0.5])), x[:, :1, :16, :16])  # one tile: the network itself
+    with pytest.raises(ValueError, match="overlap"):
+        TiledNetwork(network, tile=16, overlap=16)
+    with pytest.raises(ValueError, match="x: expected a tensor"):
+        tiled(torch.zeros(3, 16, 16), torch.tensor([0.5]))
+
+
+def test_whole_image_sampling_through_tiles_has_no_seams():
+    """With one noise draw for the whole image, a sampler run through a tiled per-pixel model
+    equals the same sampler on the whole image; sampling each tile on its own (restore_tiled)
+    does not: independent noise in neighbouring tiles."""
+    from msdiff_fast.cli import SamplerSpec, restore_batch, restore_images
+
+    spec = ModelSpec("denoise", {"noise_sigma": 25.0}, "mr", {"lam_inf": 50 / 255, "target": "residual"}, "tiny", 16, 3)
+    estimator = spec.build_estimator()
+    weight = 0.3 * torch.eye(3, 6).reshape(3, 6, 1, 1)
+
+    def pixelwise(network_input, t):
+        return torch.nn.functional.conv2d(network_input, weight)
+
+    condition = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(2))
+    sampler = SamplerSpec("mr-sde", 5)
+    (tiled,) = restore_images(pixelwise, estimator, [condition], sampler, torch.Generator().manual_seed(3), tile=16, overlap=4, batch=8)
+    whole = restore_batch(pixelwise, estimator, condition[None], sampler, torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    (separate,) = restore_tiled(lambda batch: restore_batch(pixelwise, estimator, batch, sampler, torch.Generator().manual_seed(3)),
+                                [condition], 16, 4, 64)
+    assert (separate - whole).abs().max() > 1e-3
+
+
+def test_restore_images_keeps_order_and_sizes():
+    from msdiff_fast.cli import SamplerSpec, restore_images
+
+    spec = ModelSpec("denoise", {"noise_sigma": 25.0}, "mr", {"lam_inf": 50 / 255, "target": "residual"}, "tiny", 16, 3)
+    estimator = spec.build_estimator()
+    sizes = [(16, 16), (20, 33), (16, 16), (9, 12), (20, 33)]
+    conditions = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(sizes)]
+    zero_residual = lambda network_input, t: torch.zeros_like(network_input[:, :3])  # noqa: E731 - restores to mu exactly
+    restored = restore_images(zero_residual, estimator, conditions, SamplerSpec("mr-ode", 3), torch.Generator().manual_seed(0), 16, 4, 5)
+    for condition, image in zip(conditions, restored):
+        assert image.shape == condition.shape
+        torch.testing.assert_close(image, condition, rtol=0, atol=2e-3)  # the noise left at t_end
+
+
 # ---------------------------------------------------------------------------- restore_batch with an exact network
 def _exact_network(estimator, points):
     """A network with the estimator's input/output layout whose noise prediction is exact for
@@ -167,28 +242,54 @@ def _numbers(value):
         yield value
 
 
-def test_quick_demo_writes_the_four_files_with_finite_numbers(quick_demo):
+def _check_demo_output(out: Path, data: str):
     for name in DEMO_FILES:
-        assert (quick_demo / name).is_file() and (quick_demo / name).stat().st_size > 0, name
-    metrics = json.loads((quick_demo / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"sr", "denoise"}
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"sr_cmde", "denoise", "sr_mr"}
+    assert metrics["settings"]["data"] == data
     assert all(math.isfinite(v) for v in _numbers(metrics))
     for key, model in metrics["models"].items():
         samplers = {(row["sampler"], row["nfe"]) for row in model["rows"]}
-        assert {("mr-sde", 5), ("mr-sde", 10), ("mr-sde", 20), ("mr-ode", 10)} <= samplers
-        assert ("pc" if key == "sr" else "posterior", model["reference"]["nfe"]) in samplers
+        assert {("mr-ode", 1), ("mr-sde", 5), ("mr-sde", 10), ("mr-sde", 20), ("mr-ode", 10)} <= samplers
+        assert ("pc" if key == "sr_cmde" else "posterior", model["reference"]["nfe"]) in samplers
+        assert (out / "runs" / key / "checkpoints").is_dir()
         for row in model["rows"]:
             assert math.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1
-            assert row["fid_small"] >= 0
-            assert (row["consistency"] is not None) == (key == "sr")
+            assert (row["consistency"] is not None) == key.startswith("sr")
             assert (row["diversity"] is not None) == (row["samples_per_input"] > 1)
-    report = (quick_demo / "report.md").read_text()
-    assert "| sampler | NFE | PSNR (dB)" in report and "Quick mode" in report and "SmallFeatureNet" in report
+            assert set(row["per_image_psnr"]) == set(model["images"])
+    report = (out / "report.md").read_text()
+    assert "| sampler | NFE | PSNR (dB)" in report and "Quick mode" in report and "posterior mean" in report
+    assert ("chelsea" in report) == (data == "photos")
     from PIL import Image
 
     for name in ("samples.png", "nfe_curve.png"):
-        with Image.open(quick_demo / name) as picture:
+        with Image.open(out / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
+
+
+def test_quick_demo_on_photographs_writes_every_file_with_finite_numbers(quick_demo):
+    _check_demo_output(quick_demo, "photos")
+
+
+def test_quick_demo_on_synthetic_images(tmp_path):
+    result = run_msdiff("demo", "--quick", "--data", "synthetic", "--out", tmp_path, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_demo_output(tmp_path, "synthetic")
+
+
+def test_demo_progress_is_one_line_per_model_event(quick_demo):
+    """Worker processes never write to the terminal: the parent prints whole lines, each naming its model."""
+    result = run_msdiff("demo", "--quick", "--train-steps", "2", "--nfe", "1", "5", "--pc-nfe", "2", "--posterior-nfe", "1",
+                        "--out", quick_demo.parent / "progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("[msdiff demo] ") for line in lines), lines
+    progress = [line for line in lines if ": train " in line or ": sample" in line]
+    for key in ("sr_cmde", "denoise", "sr_mr"):
+        assert any(line.startswith(f"[msdiff demo] {key}: train 2/2") for line in progress), progress
+        assert any(line.startswith(f"[msdiff demo] {key}: sample mr-sde NFE 5") for line in progress), progress
 
 
 # ---------------------------------------------------------------------------- sample and evaluate with a real checkpoint
@@ -217,7 +318,7 @@ def test_demo_training_does_not_depend_on_the_global_random_state(tmp_path):
     runs = []
     for run, global_seed in enumerate((123, 456)):
         torch.manual_seed(global_seed)
-        trained = _train(model, settings, tmp_path / str(run), torch.device("cpu"), False, False)
+        trained = _train(model, settings, tmp_path / str(run), torch.device("cpu"), lambda stage, done, total: None)
         runs.append(torch.cat([p.detach().flatten() for p in trained["network"].parameters()]))
     assert torch.equal(runs[0], runs[1])
     # msdiff train builds its network the same way; the caller's generator is left alone
@@ -227,7 +328,7 @@ def test_demo_training_does_not_depend_on_the_global_random_state(tmp_path):
 
 
 def test_sample_restores_images_of_any_size_and_evaluate_scores_them(quick_demo, tmp_path, capsys):
-    checkpoint = quick_demo / "runs" / "sr"  # x2 super-resolution, trained at 16x16
+    checkpoint = quick_demo / "runs" / "sr_cmde"  # x2 super-resolution, trained at 16x16
     truth_set = SyntheticImages(2, (24, 20), seed=5)
     truth = tmp_path / "truth"
     for index in range(2):
@@ -264,7 +365,7 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_wrong_task_for_a_checkpoint_is_one_line(quick_demo, tmp_path, capsys):
     images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
-    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(tmp_path / "out"), "--task", "denoise"])
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr_cmde"), "--input", str(images), "--out", str(tmp_path / "out"), "--task", "denoise"])
     line = _single_error_line(code, capsys.readouterr())
     assert "trained for task 'sr'" in line
 
@@ -279,7 +380,7 @@ def test_sampler_that_does_not_fit_the_model_is_one_line(quick_demo, tmp_path, c
 def test_unreadable_image_is_one_line(quick_demo, tmp_path, capsys):
     images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
     (images / "broken.png").write_bytes(b"this is not a PNG")
-    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(tmp_path / "out")])
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr_cmde"), "--input", str(images), "--out", str(tmp_path / "out")])
     line = _single_error_line(code, capsys.readouterr())
     assert "broken.png" in line and "cannot read image" in line
 
@@ -288,7 +389,7 @@ def test_out_directory_not_writable_is_one_line(quick_demo, tmp_path, capsys):
     images = _low_resolution_folder(tmp_path / "in", [(8, 8)])
     blocker = tmp_path / "a_file"
     blocker.write_text("a file where the output folder should go")
-    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr"), "--input", str(images), "--out", str(blocker / "restored")])
+    code = main(["sample", "--checkpoint", str(quick_demo / "runs" / "sr_cmde"), "--input", str(images), "--out", str(blocker / "restored")])
     line = _single_error_line(code, capsys.readouterr())
     assert "cannot write there" in line and "--out" in line
     code = main(["demo", "--quick", "--out", str(blocker / "demo")])

@@ -60,6 +60,8 @@ def plain_mr_loss(model, sde, target, x0, mu, t, z):
         wanted = z
     elif target == "data":
         wanted = x0
+    elif target == "residual":
+        wanted = x0 - mu
     else:
         scale = sde.velocity_scale
         wanted = (scale * alpha * z - (sigma / scale) * (x0 - mu)) / torch.sqrt(alpha**2 + (sigma / scale) ** 2)
@@ -284,9 +286,11 @@ def test_mr_targets_are_what_the_sampler_converts(sde, target):
     b = (-1, 1, 1, 1)
     x_t = mu + sde.alpha(t).reshape(b) * (x0 - mu) + sde.sigma(t).reshape(b) * z
     coefs = est.loss_coefficients(t, x0[0].numel())[:, 0]
-    wanted = coefs[:, 1].reshape(b) * z + coefs[:, 2].reshape(b) * {"noise": x0, "data": x0, "velocity": x0 - mu}[target]
+    wanted = coefs[:, 1].reshape(b) * z + coefs[:, 2].reshape(b) * {"noise": x0, "data": x0, "residual": x0 - mu, "velocity": x0 - mu}[target]
+    model = est.sampling_model(lambda network_input, time: wanted)
     for i in range(3):
-        recovered = convert(wanted[i : i + 1], target, "data", sde, x_t[i : i + 1], float(t[i]), mu[i : i + 1])
+        output = model(x_t, t, mu)[i : i + 1]  # what the samplers receive: the model_output kind
+        recovered = convert(output, est.model_output, "data", sde, x_t[i : i + 1], float(t[i]), mu[i : i + 1])
         torch.testing.assert_close(recovered, x0[i : i + 1], rtol=0, atol=1e-9)
 
 
@@ -499,7 +503,7 @@ def _bad_calls():
         "vs step": (lambda: vs_sigma_y_max(1.5, 277.0, 0.5, 10), ValueError, "step"),
         "vs start": (lambda: vs_sigma_y_max(1, -1.0, 0.5, 10), ValueError, "start"),
         "name": (lambda: make_estimator("cmd", X_SHAPE, Y_SHAPE), ValueError, "name: expected one of"),
-        "sampling y": (lambda: est.sampling_model(model, y0[:, :, :4]), ValueError, r"y: expected \[B, 1, 8, 8\]"),
+        "sampling y": (lambda: est.sampling_model(model, torch.cat([y0, y0], dim=1)), ValueError, r"y: expected \[B, 1, H, W\]"),
     }
 
 

@@ -306,6 +306,16 @@ def test_warmup_schedule_and_adam_steps(tmp_path):
     assert TrainConfig(steps=1, batch_size=1, warmup=0).lr_at(0) == 2e-4
 
 
+def test_cosine_schedule_decays_to_zero_after_the_warmup():
+    schedule = TrainConfig(steps=12, batch_size=1, lr=1.0, warmup=2, lr_schedule="cosine")
+    rates = [schedule.lr_at(step) for step in range(13)]
+    assert rates[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert rates[7] == pytest.approx(0.5) and rates[12] == pytest.approx(0.0, abs=1e-12)
+    assert all(later <= earlier for earlier, later in zip(rates[2:], rates[3:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(steps=1, batch_size=1, lr_schedule="linear")
+
+
 def test_gradient_clipping(tmp_path):
     trainer = Trainer(Scalars(4), LinearLoss(10.0), [(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))],
                       config(tmp_path, steps=2, batch_size=1, grad_clip=1.0)).fit()

@@ -15,4 +15,4 @@ fi
 # folder (build/) stays valid between runs and a re-run recompiles only what changed.
 "$PY" -m pip install -q "setuptools>=70.1" wheel "nanobind>=2.2" \
   $(command -v cmake >/dev/null || echo "cmake>=3.18") $(command -v ninja >/dev/null || echo ninja)
-"$PY" -m pip install -q --no-build-isolation -e ".[test,triton]"
+"$PY" -m pip install -q --no-build-isolation -e ".[demo,test,triton]"

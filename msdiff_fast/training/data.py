@@ -48,10 +48,13 @@ def _open(path: Path, mode: str) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
+def _to_uint8(img: Image.Image) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
-    pixels = pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-    return pixels.float() / 255
+    return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1).contiguous()
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return _to_uint8(img).float() / 255
 
 
 def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
@@ -143,28 +146,121 @@ def _fit(img: Image.Image, resized: Tuple[int, int], box) -> Image.Image:
     return img.crop(box) if box != (0, 0) + img.size else img
 
 
-class ImageFolder(Dataset):
-    """Images under ``root`` as [C, H, W] in [0, 1]; with ``size`` the shorter side is resized to
-    cover it and a centre or random crop taken. Unreadable files raise ValueError when read."""
+def crop_image(image: torch.Tensor, size: Tuple[int, int], crop: str) -> torch.Tensor:
+    """A ``size`` crop of [C, H, W] at the image's own resolution: centred, or at a position drawn
+    from torch's global RNG (which the trainer seeds per item). An image smaller than ``size`` is
+    first enlarged (bicubic) just enough to cover it: resampling only where there is no other way."""
+    height, width = image.shape[-2:]
+    if height < size[0] or width < size[1]:
+        scale = max(size[0] / height, size[1] / width)
+        covering = (max(size[0], math.ceil(height * scale)), max(size[1], math.ceil(width * scale)))
+        enlarged = F.interpolate(image[None].float(), size=covering, mode="bicubic", align_corners=False)[0]
+        image = enlarged.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else enlarged.clamp(0, 1)
+        height, width = covering
+    if crop == "random":
+        top = int(torch.randint(0, height - size[0] + 1, ()))
+        left = int(torch.randint(0, width - size[1] + 1, ()))
+    else:
+        top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    return image[:, top:top + size[0], left:left + size[1]]
 
-    def __init__(self, root: PathLike, size: Size = None, crop: str = "center",
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True, channels: int = 3):
-        if crop not in ("center", "random") or channels not in (1, 3):
-            raise ValueError(f"crop/channels: expected 'center'|'random' and 1|3, got {crop!r}/{channels}")
-        self.root, self.size, self.crop, self.channels = Path(root), _as_hw(size), crop, channels
-        self.files = _list_images(root, extensions, recursive)
+
+def _check_crop(size: Size, crop: str, patches_per_image: int) -> Optional[Tuple[int, int]]:
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop: expected 'center' or 'random', got {crop!r}")
+    if isinstance(patches_per_image, bool) or not isinstance(patches_per_image, int) or patches_per_image < 1:
+        raise ValueError(f"patches_per_image: expected an int >= 1, got {patches_per_image!r}")
+    hw = _as_hw(size)
+    if hw is not None and min(hw) < 1:
+        raise ValueError(f"size: expected positive sizes, got {size!r}")
+    return hw
+
+
+class ImagePatches(Dataset):
+    """Crops of images held in memory ([C, H, W] float in [0, 1] or uint8), at their own resolution.
+
+    Item i is a crop of image ``i // patches_per_image`` (random: a fresh position each time it
+    is read; center: the same one). A restoration model must learn the statistics of real pixels,
+    so nothing is resized unless an image is smaller than the crop. ``size=None`` yields whole images.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], size: Size = None, crop: str = "random", patches_per_image: int = 1):
+        self.size = _check_crop(size, crop, patches_per_image)
+        self.crop, self.patches_per_image = crop, patches_per_image
+        if len(images) == 0:
+            raise ValueError("images: expected at least one image, got none")
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.dtype not in (torch.uint8, torch.float32):
+                got = f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"images[{i}]: expected a tensor [C, H, W] of uint8 or float32, got {got}")
+        self.images = list(images)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images) * self.patches_per_image
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} patches")
+        image = self.images[index // self.patches_per_image]
+        if self.size is not None:
+            image = crop_image(image, self.size, self.crop)
+        return image.float() / 255 if image.dtype == torch.uint8 else image.clone()
+
+
+class ImageFolder(Dataset):
+    """Images under ``root`` as [C, H, W] in [0, 1]. Unreadable files raise ValueError when read.
+
+    With ``size``: a centre or random crop of that size at the image's own resolution (random
+    patches are what a restoration model must train on; an image smaller than the crop is enlarged
+    to cover it). ``resize=True`` instead resizes the shorter side to cover ``size`` first (aligned
+    faces and other data meant to be seen whole). ``patches_per_image`` items per file and epoch.
+    Decoded images are kept in memory up to ``cache_mb`` megabytes (per data-loader worker), so a
+    file is decoded once, not once per patch.
+    """
+
+    def __init__(self, root: PathLike, size: Size = None, crop: str = "center",
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True, channels: int = 3,
+                 resize: bool = False, patches_per_image: int = 1, cache_mb: float = 2048):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
+        self.size = _check_crop(size, crop, patches_per_image)
+        if not isinstance(resize, bool):
+            raise ValueError(f"resize: expected a bool, got {resize!r}")
+        if not isinstance(cache_mb, (int, float)) or isinstance(cache_mb, bool) or not cache_mb >= 0:
+            raise ValueError(f"cache_mb: expected a number >= 0, got {cache_mb!r}")
+        self.root, self.crop, self.channels = Path(root), crop, channels
+        self.resize, self.patches_per_image, self.cache_bytes = resize, patches_per_image, cache_mb * 2**20
+        self.files = _list_images(root, extensions, recursive)
+        self._cache: dict = {}
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.files) * self.patches_per_image
 
     def load(self, path: Path) -> Image.Image:
         return _open(path, "L" if self.channels == 1 else "RGB")
 
+    def _pixels(self, index: int) -> torch.Tensor:
+        """The decoded file ``index`` as uint8 [C, H, W], from memory when it has been read before."""
+        pixels = self._cache.get(index)
+        if pixels is None:
+            pixels = _to_uint8(self.load(self.files[index]))
+            if self._cached_bytes + pixels.numel() <= self.cache_bytes:
+                self._cache[index] = pixels
+                self._cached_bytes += pixels.numel()
+        return pixels
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = self.load(self.files[index])
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        file_index = index // self.patches_per_image
+        if self.resize and self.size is not None:
+            img = self.load(self.files[file_index])
+            return _to_tensor(_fit(img, *_crop_box(img.width, img.height, self.size, self.crop)))
+        pixels = self._pixels(file_index)
         if self.size is not None:
-            img = _fit(img, *_crop_box(img.width, img.height, self.size, self.crop))
-        return _to_tensor(img)
+            pixels = crop_image(pixels, self.size, self.crop)
+        return pixels.float() / 255
 
     def verify(self) -> List[str]:
         """Try to decode every file; return "path: reason" for each bad one (empty if all fine)."""
@@ -178,7 +274,8 @@ class ImageFolder(Dataset):
 
 
 class PairedFolders(Dataset):
-    """(clean, degraded) pairs matched by relative file name without extension."""
+    """(clean, degraded) pairs matched by relative file name without extension; with ``size`` one
+    crop at the same place of both (at their own resolution, as ``ImageFolder``)."""
 
     def __init__(self, clean_root: PathLike, degraded_root: PathLike, size: Size = None, crop: str = "center",
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int = 3):
@@ -211,10 +308,11 @@ class PairedFolders(Dataset):
         if clean.size != degraded.size:
             raise ValueError(f"size mismatch: {clean_path} is {clean.width}x{clean.height}, "
                              f"{degraded_path} is {degraded.width}x{degraded.height}")
-        if self.size is not None:  # one geometry for both, so they stay aligned
-            geometry = _crop_box(clean.width, clean.height, self.size, self.crop)
-            clean, degraded = _fit(clean, *geometry), _fit(degraded, *geometry)
-        return _to_tensor(clean), _to_tensor(degraded)
+        clean, degraded = _to_uint8(clean), _to_uint8(degraded)
+        if self.size is not None:  # one crop of both stacked, so they stay aligned
+            both = crop_image(torch.cat([clean, degraded]), self.size, self.crop)
+            clean, degraded = both[: clean.shape[0]], both[clean.shape[0]:]
+        return clean.float() / 255, degraded.float() / 255
 
 
 def _short(names: List[str], limit: int = 20) -> str:

@@ -42,6 +42,7 @@ from .checkpoint import (PathLike, atomic_write, check_compatible, check_descrip
                          save_checkpoint)
 
 AMP_MODES = ("none", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for")
 # Stream tags keep the data, loss-noise, dropout and item streams unrelated for the same (seed, k).
 _DATA_STREAM, _LOSS_STREAM, _DROPOUT_STREAM, _ITEM_STREAM = 1, 2, 3, 4
@@ -76,6 +77,8 @@ class TrainConfig:
 
     batch_size is the GLOBAL batch: under DDP each of the world processes takes batch_size / world.
     warmup: the learning rate of step k (0-based) is lr * min(1, (k + 1) / warmup); 0 disables it.
+    lr_schedule: after the warm-up, "constant" keeps lr; "cosine" decays it to 0 at ``steps``
+    along half a cosine (so a resumed run that raises ``steps`` changes the schedule from there).
     grad_clip: max global grad norm, None disables clipping.
     ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) for the n-th update (score_sde's EMA), so
     short runs are not dominated by the initial weights; False uses ema_decay from the start.
@@ -100,6 +103,7 @@ class TrainConfig:
     lr: float = 2e-4
     betas: Tuple[float, float] = (0.9, 0.999)
     warmup: int = 2500
+    lr_schedule: str = "constant"
     grad_clip: Optional[float] = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -127,6 +131,8 @@ class TrainConfig:
             _check_real("betas", beta, 0.0, 1.0, False, True)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         _check_int("warmup", self.warmup, 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, 0.0, math.inf, True, True)
         _check_real("ema_decay", self.ema_decay, 0.0, 1.0, False, True)
@@ -161,8 +167,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.progress: expected a bool, got {self.progress!r}")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps."""
-        return self.lr if self.warmup == 0 else self.lr * min(1.0, (step + 1) / self.warmup)
+        """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps,
+        then constant or a cosine decay to 0 at ``steps``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay used after 0-based step ``step`` (its update number is step + 1)."""
