@@ -57,7 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msdiff_fast.cli import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from msdiff_fast.ops import compiled, mr_step, noise_inject, weighted_score_loss  # noqa: E402
 from msdiff_fast.ops.dispatch import reason_unavailable  # noqa: E402
 

@@ -1,21 +1,31 @@
 """Time and peak memory of one training step (forward + backward + Adam) of a CMDE model.
 
 Providers, measured in one run on the same model, batch and device:
+  eager: plain PyTorch (torch.randn noise kept for the loss, torch.cat, the formula with autograd),
+         python_tests/test_estimators.plain_conditional_loss, the tests' oracle; float32; Adam as
+         torch builds it by default (one tensor at a time on a CPU, foreach on CUDA). The baseline.
   fused: CMDE.loss (ops.noise_inject writes cat(x_t, y_t) into one buffer; ops.weighted_score_loss
          fuses the weighted loss with its gradient; the noise is regenerated from (seed, offset) on
          a GPU and drawn once by the C++ kernels and read by both ops on a CPU);
-  eager: plain PyTorch (torch.randn noise kept for the loss, torch.cat, the formula with autograd),
-         python_tests/test_estimators.plain_conditional_loss, the tests' oracle.
+  then the trainer's throughput switches, each on top of fused, set up as msdiff_fast's Trainer
+  sets them up (TrainConfig fields in brackets):
+  fused-adam: Adam's fused kernels [optimizer_impl="fused"];
+  channels-last: weights and activations in channels-last memory format [channels_last=True];
+  bf16: bfloat16 autocast of the forward pass [amp="bf16"];
+  compile: torch.compile of the network, forward and backward [compile=True] (compiled during the
+         warm-up steps; the first-step compile time is reported separately);
+  fast: fused-adam + channels-last + bf16; fast-compile: fast + compile.
 Networks: the "tiny" preset, the paper's celeba_sr_x8_160 U-Net with the CMDE head (43.5M
 parameters), and "loss-only" (one learnable scale at the paper's 160x160 shapes), which isolates
-the part of the step the fused ops replace. Each configuration runs in its own process, so its
-peak memory is its own: CUDA max_memory_allocated, or on CPU the peak resident set size during
-the timed steps (VmHWM after resetting it through /proc/self/clear_refs).
+the part of the step the fused ops replace (eager and fused only). Each configuration runs in its
+own process, so its peak memory is its own: CUDA max_memory_allocated, or on CPU the peak resident
+set size during the timed steps (VmHWM after resetting it through /proc/self/clear_refs).
 
     python3 benchmarks/benchmark_training_step.py                 # CPU: tiny b8, paper b2, loss-only b2/b16
     python3 benchmarks/benchmark_training_step.py --quick         # CPU, smaller and fewer steps
     python3 benchmarks/benchmark_training_step.py --device cuda   # adds the paper preset at batch 16
     python3 benchmarks/benchmark_training_step.py --threads 1     # steadier on a shared CPU
+    python3 benchmarks/benchmark_training_step.py --providers eager fast   # a subset
 
 Writes benchmarks/results/training_step_<device>.md and .csv (overwritten; device name, torch
 version, date, load average and the command line in both).
@@ -38,13 +48,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
 
-from msdiff_fast.cli import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from msdiff_fast.estimators import CMDE  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
+from msdiff_fast.training.trainer import TrainConfig, make_adam  # noqa: E402
 from test_estimators import plain_conditional_loss  # noqa: E402
 
 PAPER = "celeba_sr_x8_160"
-PROVIDERS = ("fused", "eager")
+# provider -> (loss, TrainConfig switches); None as optimizer_impl: torch's default Adam
+FAST = dict(optimizer_impl="fused", channels_last=True, amp="bf16")
+PROVIDERS = {
+    "eager": ("eager", dict(optimizer_impl=None)),
+    "fused": ("fused", dict(optimizer_impl=None)),
+    "fused-adam": ("fused", dict(optimizer_impl="fused")),
+    "channels-last": ("fused", dict(optimizer_impl=None, channels_last=True)),
+    "bf16": ("fused", dict(optimizer_impl=None, amp="bf16")),
+    "compile": ("fused", dict(optimizer_impl=None, compile=True)),
+    "fast": ("fused", FAST),
+    "fast-compile": ("fused", dict(FAST, compile=True)),
+}
+# the switches act on the network: a one-parameter model only compares the losses
+LOSS_ONLY_PROVIDERS = ("eager", "fused")
 
 
 class LossOnly(torch.nn.Module):
@@ -102,26 +126,42 @@ def run_one(config: dict) -> dict:
     device, network, size, batch = config["device"], config["network"], config["size"], config["batch"]
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    loss_kind, switches = PROVIDERS[config["provider"]]
     torch.manual_seed(0)
     model = build_model(network, size, device)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    # as the Trainer does it (msdiff_fast/training/trainer.py)
+    if switches.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if switches.get("compile") else model
+    if switches["optimizer_impl"] is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    else:
+        optimizer = make_adam(model.parameters(), TrainConfig(steps=1, batch_size=batch, warmup=0, optimizer_impl=switches["optimizer_impl"]),
+                              torch.device(device))
+    amp = switches.get("amp", "none")
     est = CMDE.for_images((3, size, size), (3, size, size))
     x0 = torch.rand(batch, 3, size, size, device=device)
     y0 = torch.rand(batch, 3, size, size, device=device)
     generator = torch.Generator(device).manual_seed(1)
 
     def step():
-        if config["provider"] == "fused":
-            loss = est.loss(model, x0, y0, generator)
-        else:
-            loss = eager_loss(est, model, x0, y0, generator)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            if loss_kind == "fused":
+                loss = est.loss(forward, x0, y0, generator)
+            else:
+                loss = eager_loss(est, forward, x0, y0, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
-    for _ in range(config["warmup"]):
+    first = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_step = time.perf_counter() - first
+    for _ in range(config["warmup"] - 1):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -141,6 +181,7 @@ def run_one(config: dict) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "ms_median": 1e3 * statistics.median(times),
         "ms_min": 1e3 * min(times),
+        "first_step_s": first_step,
         "peak_mib": peak,
         "final_loss": float(loss.detach()),
     }
@@ -163,35 +204,32 @@ def write_results(rows, device: str, threads: int, command: str, load_at_start: 
     }
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    fields = ["network", "size", "batch", "provider", "parameters", "warmup", "steps", "ms_median", "ms_min", "peak_mib", "eager_over_fused_time", "eager_minus_fused_peak_mib"]
-    by_key = {(r["network"], r["size"], r["batch"], r["provider"]): r for r in rows}
+    fields = ["network", "size", "batch", "provider", "parameters", "warmup", "steps", "ms_median", "ms_min", "first_step_s", "peak_mib",
+              "speedup_vs_eager", "steps_per_second"]
+    eager = {(r["network"], r["size"], r["batch"]): r for r in rows if r["provider"] == "eager"}
     for row in rows:
-        fused = by_key[(row["network"], row["size"], row["batch"], "fused")]
-        row["eager_over_fused_time"] = row["ms_median"] / fused["ms_median"]
-        row["eager_minus_fused_peak_mib"] = row["peak_mib"] - fused["peak_mib"]
+        baseline = eager.get((row["network"], row["size"], row["batch"]))
+        row["speedup_vs_eager"] = baseline["ms_median"] / row["ms_median"] if baseline else float("nan")
+        row["steps_per_second"] = 1e3 / row["ms_median"]
     with open(results / f"training_step_{device}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(header) + fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({**header, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}})
     memory = "peak allocated (MiB)" if device == "cuda" else "peak RSS (MiB)"
-    lines = [f"# Training step (forward + backward + Adam), CMDE loss: fused vs eager on {device}", ""]
+    lines = [f"# Training step (forward + backward + Adam), CMDE loss, on {device}: the trainer's switches against the eager float32 step", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
-    lines += [
+    lines += [""] + [line.strip() for line in __doc__.split("\n\n")[1].splitlines()] + [
         "",
-        "fused: CMDE.loss (noise_inject into the cat buffer + weighted_score_loss; noise regenerated on a GPU,",
-        "drawn once by the C++ kernels and read by both ops on a CPU);",
-        "eager: torch.randn noise, torch.cat, the explicit formula with autograd. loss-only: a one-parameter",
-        "model, so the row measures the loss itself. Median of the timed steps after warm-up.",
+        "Median of the timed steps after warm-up; speed-up: eager ms / provider ms at the same network and batch.",
         "",
-        f"| network | size | batch | params | fused ms | eager ms | eager / fused | fused {memory} | eager {memory} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| network | size | batch | params | provider | ms per step | steps/s | speed-up vs eager | first step (s) | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for network, size, batch in dict.fromkeys((r["network"], r["size"], r["batch"]) for r in rows):
-        fused, eager = by_key[(network, size, batch, "fused")], by_key[(network, size, batch, "eager")]
+    for row in rows:
         lines.append(
-            f"| {network} | {size} | {batch} | {fused['parameters'] / 1e6:.2f}M | {fused['ms_median']:.1f} | {eager['ms_median']:.1f} | "
-            f"{eager['eager_over_fused_time']:.2f} | {fused['peak_mib']:.0f} | {eager['peak_mib']:.0f} |"
+            f"| {row['network']} | {row['size']} | {row['batch']} | {row['parameters'] / 1e6:.2f}M | {row['provider']} | {row['ms_median']:.1f} | "
+            f"{row['steps_per_second']:.2f} | {row['speedup_vs_eager']:.2f} | {row['first_step_s']:.1f} | {row['peak_mib']:.0f} |"
         )
     (results / f"training_step_{device}.md").write_text("\n".join(lines) + "\n")
 
@@ -201,8 +239,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, quick 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (default: torch's own); 1 is steadier on a shared machine")
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS), help="default: all")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -212,14 +251,15 @@ def main() -> None:
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
-    if steps < 1 or warmup < 0 or args.threads < 0:
-        parser.error(f"--steps must be >= 1, --warmup and --threads >= 0, got {steps}, {warmup}, {args.threads}")
+    if steps < 1 or warmup < 1 or args.threads < 0:
+        parser.error(f"--steps and --warmup must be >= 1, --threads >= 0, got {steps}, {warmup}, {args.threads}")
     from tqdm.auto import tqdm
 
     jobs = [
         {"device": args.device, "network": network, "size": size, "batch": batch, "provider": provider, "steps": steps, "warmup": warmup, "threads": args.threads}
         for network, size, batch in configurations(args.device, args.quick)
-        for provider in PROVIDERS
+        for provider in args.providers
+        if network != "loss-only" or provider in LOSS_ONLY_PROVIDERS
     ]
     load_at_start = os.getloadavg()[0]
     rows = []
@@ -228,7 +268,7 @@ def main() -> None:
         if done.returncode != 0:
             raise RuntimeError(f"configuration {job} failed with exit status {done.returncode}:\n{done.stderr[-4000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        tqdm.write(f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>5}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB")
+        tqdm.write(f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>13}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB")
     write_results(rows, args.device, args.threads, " ".join([os.path.basename(sys.executable), *sys.argv]), load_at_start)
     print((ROOT / "benchmarks" / "results" / f"training_step_{args.device}.md").read_text())
 

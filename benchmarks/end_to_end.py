@@ -1,7 +1,10 @@
-"""End-to-end sampling time and quality: MR Sampler at NFE 5-20 against the 100-2000 NFE baselines.
+"""End-to-end sampling time and quality: MR Sampler at NFE 5-20 against the 100-2000 NFE baselines,
+the fast path (static loop, fast network) against the eager one, and against the official MR
+Sampler code on the same network.
 
     python benchmarks/end_to_end.py --device cpu [--quick]
-    python benchmarks/end_to_end.py --device cuda              # adds CUDA-graph capture
+    python benchmarks/end_to_end.py --device cuda              # the static loop as one CUDA graph
+    MR_SAMPLER_DIR=/path/to/mr-sampler python benchmarks/end_to_end.py --sections official [--compile]
 
 Networks: the paper-size U-Net (``unet_preset("celeba_sr_x8_160")``, 43M parameters, 160x160) and
 the tiny one, randomly initialised (timing only; the zero-initialised output layer gets small
@@ -9,7 +12,9 @@ random weights so that outputs are not identically zero): the "mr" estimator lay
 cat(x_t - mu, mu), noise output) for the mean-reverting samplers, the "cmde" layout (input
 cat(x_t, y_t), x and y scores) for predictor-corrector sampling of a multi-speed VE SDE.
 
-Rows: MR Sampler (SDE-2, data prediction) at NFE 5 / 10 / 20 and posterior sampling at NFE 100 on a
+Sections (--sections, default all; "official" needs the official code):
+
+samplers: MR Sampler (SDE-2, data prediction) at NFE 5 / 10 / 20 and posterior sampling at NFE 100 on a
 mean-reverting SDE; predictor-corrector sampling (1000 steps + 1000 corrector steps = 2000 NFE)
 and MR Sampler at NFE 10 on the CMDE network. Runs above --max-measured-nfe network evaluations
 are timed on a shorter run of the same sampler and extrapolated linearly in NFE (marked
@@ -18,93 +23,47 @@ passes (timed around each network call in the same run). Quality: each row's sam
 exact denoiser of Gaussian data N(0.4, 0.2^2) in place of the network, error = per-dimension
 2-Wasserstein distance of the samples' fitted Gaussian to the data's.
 
-On a GPU the MR Sampler rows are also run as one CUDA graph: ``StaticMRSampler`` precomputes every
-step's coefficients on the device and draws its noise with torch's graph-safe generator, so the
-loop has no host synchronisation (MRSampler.sample checks every step for NaN, which
-synchronises) and the whole loop, network included, is captured once and replayed.
+fast: the MR Sampler rows again with MRSampler(loop="static") (coefficients precomputed on the
+device, no host synchronisation; on a GPU loop="graph": the whole loop, network included, captured
+once as a CUDA graph and replayed) and the fast network path (models.FastNetwork: channels-last
+and inference mode by default, then + bfloat16 autocast and + torch.compile), each against
+MRSampler.sample with the plain float32 network: wall time, speed-up and the output's difference
+(max |difference| and PSNR against the eager output, same generator seed).
+
+official: the official MR Sampler code (grrrute/mr-sampler, a local checkout given by
+--mr-sampler-dir or MR_SAMPLER_DIR: fetched, never committed, loaded as compare_reference.py
+loads it) against msdiff eager / static / fast on the same network at the same NFE: SDE-2 with
+data prediction on the official "linspace" grid of the IR-SDE cosine schedule (max_sigma 50, T
+100; the official code's thetabar convention), the same x_T and the same Gaussian noise (the
+official code's torch.randn_like calls return the normals msdiff's counter-based stream draws),
+for each preset at each --official-batches; wall time, official / row, output agreement.
 """
 
 import argparse
+import copy
 import datetime
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_model  # noqa: E402
 from msdiff_fast import MRSampler, pc_sample, posterior_sample  # noqa: E402
-from msdiff_fast.cli import cpu_model  # noqa: E402
-from msdiff_fast.models import unet_preset  # noqa: E402
-from msdiff_fast.ops import mr_step  # noqa: E402
-from msdiff_fast.samplers import conditioned_model, prediction_coefficients  # noqa: E402
-from msdiff_fast.samplers.mr_sampler import step_coefficients  # noqa: E402
+from msdiff_fast.models import FastNetwork, bf16_unsupported, unet_preset  # noqa: E402
+from msdiff_fast.samplers import conditioned_model  # noqa: E402
 from msdiff_fast.sde import MRSDE, VESDE, MultiSpeedSDE  # noqa: E402
 from msdiff_fast.testing import GaussianData  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_MEAN, DATA_STD = 0.4, 0.2
-
-
-class StaticMRSampler:
-    """MRSampler's multistep loop with every coefficient precomputed on the device.
-
-    Same math as ``MRSampler.sample`` (no clip, threshold or denoise_last): each step is one
-    network call and one fused ``mr_step`` whose terms are the current state, mu and the stored
-    (output, state) pairs of the previous steps, with the prediction conversion folded into the
-    coefficients. No host synchronisation: CUDA-graph capturable for a fixed batch shape. SDE
-    noise comes from torch.randn_like (graph-safe: every replay draws fresh noise).
-    """
-
-    def __init__(self, sampler: MRSampler, batch: int, device: torch.device, dtype: torch.dtype, has_mu: bool):
-        if sampler.clip is not None or sampler.threshold is not None or sampler.denoise_last:
-            raise ValueError("sampler: StaticMRSampler supports samplers without clip, threshold and denoise_last")
-        self.steps = sampler.steps
-        self.has_mu = has_mu
-        time_dtype = coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.times, self.coefs, self.noise = [], [], []
-        conversions, lams = [], []
-        for i in range(sampler.steps):
-            s, t = float(sampler.timesteps[i]), float(sampler.timesteps[i + 1])
-            conversions.insert(0, [float(c) for c in prediction_coefficients(sampler.sde, s, sampler.model_output, sampler.prediction)])
-            order = sampler.step_order(i)
-            a, weights, m, noise = step_coefficients(sampler.solver, sampler.prediction, order, sampler.sde, s, t, lams, sampler.multistep)
-            lams.insert(0, float(sampler.lams[i]))
-            # x_t = a x + m mu + sum_k w_k (c_out_k out_k + c_x_k x_k + c_mu_k mu), k = 0 the current step
-            row = [a + weights[0] * conversions[0][1], m + sum(w * conversions[k][2] for k, w in enumerate(weights)), weights[0] * conversions[0][0]]
-            for k in range(1, sampler.order):
-                w = weights[k] if k < len(weights) else 0.0
-                c_out, c_x, _ = conversions[k] if k < len(conversions) else (0.0, 0.0, 0.0)
-                row += [w * c_out, w * c_x]
-            if not has_mu:
-                row.pop(1)
-            if not all(math.isfinite(c) for c in row + [noise]):
-                raise FloatingPointError(f"sampler: step {i + 1} has non-finite coefficients {row}")
-            # the kernels read float32 coefficients (float64 ones would be cast at every step)
-            self.coefs.append(torch.tensor([row], dtype=coef_dtype, device=device).expand(batch, -1).contiguous())
-            self.noise.append(torch.full((batch,), noise, dtype=coef_dtype, device=device) if noise != 0.0 else None)
-            self.times.append(torch.full((batch,), s, dtype=time_dtype, device=device))
-            del lams[sampler.order - 1:]
-            del conversions[sampler.order - 1:]
-        self.history_length = sampler.order - 1
-
-    def __call__(self, model: Callable, x_T: torch.Tensor, mu: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x_T
-        history: List[torch.Tensor] = []
-        for i in range(self.steps):
-            output = model(x, self.times[i], mu)
-            terms = ([mu] if self.has_mu else []) + [output]
-            for k in range(self.history_length):
-                terms += history[2 * k: 2 * k + 2] if 2 * k < len(history) else [output, x]
-            noise = torch.randn_like(x) if self.noise[i] is not None else None
-            new_x = mr_step(x, terms, self.coefs[i], self.noise[i], noise=noise)
-            history = ([output, x] + history)[: 2 * self.history_length]
-            x = new_x
-        return x
+SECTIONS = ("samplers", "fast", "official")
 
 
 def synchronize(device: torch.device) -> None:
@@ -179,22 +138,29 @@ def gaussian_w2(samples: torch.Tensor) -> float:
 
 
 class Row:
-    def __init__(self, label, network, clock, nfe, run, measured_run=None, measured_nfe=None, analytic=None, static=None):
+    def __init__(self, label, network, clock, nfe, run, measured_run=None, measured_nfe=None, analytic=None, mr_sampler=None):
         self.label, self.network, self.clock, self.nfe = label, network, clock, nfe
         self.run, self.measured_run, self.measured_nfe = run, measured_run, measured_nfe
-        self.analytic, self.static = analytic, static
+        self.analytic = analytic
+        self.mr_sampler = mr_sampler  # (sde, steps, options) of the MR Sampler rows, for the fast section
         self.results = {}
 
 
-def build_rows(args, preset: str, device: torch.device):
-    """The sampler runs for one network preset, their network-only timings and analytic twins."""
-    dtype = torch.float32
+def mr_and_cmde_networks(preset: str, device: torch.device):
+    """The preset's "mr" and "cmde" U-Nets, randomly initialised."""
     mr_net = unet_preset(preset, estimator="mr").to(device).eval()
     cmde_net = unet_preset(preset, estimator="cmde").to(device).eval()
     for net in (mr_net, cmde_net):
         # the output layer starts at zero (score_sde's init): small random weights make the
         # outputs, and so the samplers' work (e.g. predictor-corrector's score norms), non-trivial
         torch.nn.init.normal_(net.conv_out.weight, std=1e-3, generator=torch.Generator(device=device).manual_seed(3))
+    return mr_net, cmde_net
+
+
+def build_rows(args, preset: str, device: torch.device):
+    """The sampler runs for one network preset, their network-only timings and analytic twins."""
+    dtype = torch.float32
+    mr_net, cmde_net = mr_and_cmde_networks(preset, device)
     size, channels = mr_net.image_size, 3
     g = torch.Generator(device="cpu").manual_seed(0)
     mu = torch.rand(args.batch, channels, size, size, generator=g).to(device, dtype)
@@ -212,13 +178,14 @@ def build_rows(args, preset: str, device: torch.device):
     analytic_generator = lambda: torch.Generator().manual_seed(2)  # noqa: E731
 
     rows = []
+    options = dict(solver="sde", order=2, prediction="data", model_output="noise")
     for nfe in (5, 10, 20):
-        sampler = MRSampler(mr_sde, nfe, solver="sde", order=2, prediction="data", model_output="noise")
+        sampler = MRSampler(mr_sde, nfe, **options)
         rows.append(Row(
             "MR Sampler SDE-2 data", "mr", mr_model, nfe,
             run=lambda sampler=sampler: sampler.sample(mr_model, mu, generator=generator()),
             analytic=lambda sampler=sampler: sampler.sample(exact_mr, analytic_mu, generator=analytic_generator()),
-            static=(sampler, mr_model.model, mu, lambda: mr_sde.prior(mu, generator())),
+            mr_sampler=(mr_sde, nfe, options),
         ))
     rows.append(Row(
         "posterior sampling", "mr", mr_model, 100,
@@ -244,7 +211,8 @@ def build_rows(args, preset: str, device: torch.device):
         "mr": (lambda: mr_net(torch.cat([mu, mu], dim=1), torch.full((args.batch,), 0.5, device=device))),
         "cmde": (lambda: cmde_net(torch.cat([mu, y], dim=1), torch.full((args.batch,), 0.5, device=device))),
     }
-    return rows, networks, {"mr": sum(p.numel() for p in mr_net.parameters()), "cmde": sum(p.numel() for p in cmde_net.parameters()), "size": size}
+    info = {"mr": sum(p.numel() for p in mr_net.parameters()), "cmde": sum(p.numel() for p in cmde_net.parameters()), "size": size}
+    return rows, networks, info, (mr_net, mu)
 
 
 def time_rows(args, rows, device):
@@ -268,52 +236,132 @@ def analytic_errors(rows):
         row.results["error"] = gaussian_w2(row.analytic())
 
 
-def static_rows(args, rows, device):
-    """The graph-capturable loop run eagerly: its time, and its agreement with MRSampler (ODE, same x_T)."""
-    for row in rows:
-        if row.static is None:
-            continue
-        sampler, model, mu, prior = row.static
-        x_T = prior()
-        ode = MRSampler(sampler.sde, sampler.steps, solver="ode", order=sampler.order, prediction=sampler.prediction, model_output=sampler.model_output)
-        ode_static = StaticMRSampler(ode, args.batch, device, mu.dtype, has_mu=True)
-        expected = ode.sample(model, mu, x_T=x_T)
-        row.results["static_check"] = float((ode_static(model, x_T, mu) - expected).abs().max() / expected.abs().max())
-        static = StaticMRSampler(sampler, args.batch, device, mu.dtype, has_mu=True)
-        row.results["static_eager"] = wall_time(lambda: static(model, x_T, mu), device, args.repeats)[0]
+def fast_variants(args, device: torch.device):
+    """(label, loop, FastNetwork switches or None for the plain network) of the fast section."""
+    loop = "graph" if device.type == "cuda" else "static"
+    variants = [("eager loop, plain network (baseline)", "eager", None), (f"{loop} loop, plain network", loop, None),
+                (f"{loop} loop + FastNetwork defaults (channels-last, inference mode)", loop, {})]
+    bf16 = bf16_unsupported(device) is None
+    if bf16:
+        variants.append((f"{loop} loop + FastNetwork + bf16", loop, {"bf16": True}))
+    if args.compile:
+        variants.append((f"{loop} loop + FastNetwork + compile", loop, {"compile": True}))
+        if bf16:
+            variants.append((f"{loop} loop + FastNetwork + bf16 + compile", loop, {"bf16": True, "compile": True}))
+    return variants
 
 
-def graph_rows(args, rows, networks, device, notes):
-    """CUDA graphs: the whole MR Sampler loop, network included, and the network alone (NFE calls)."""
+def output_agreement(output: torch.Tensor, reference: torch.Tensor):
+    """(max |difference|, PSNR in dB of output against reference, both clamped to [0, 1])."""
+    output, reference = output.clamp(0, 1).double(), reference.clamp(0, 1).double()
+    mse = float(((output - reference) ** 2).mean())
+    return float((output - reference).abs().max()), (10 * math.log10(1 / mse) if mse > 0 else math.inf)
+
+
+def timed_variant(run: Callable, device: torch.device, repeats: int):
+    """(output of the first call, seconds of that first call, best of ``repeats`` later calls)."""
+    synchronize(device)
+    start = time.perf_counter()
+    output = run()
+    synchronize(device)
+    first = time.perf_counter() - start
+    return output, first, wall_time(run, device, repeats)[0]
+
+
+def fast_rows(args, rows, mr_net, mu, device, notes):
+    """The MR Sampler rows with the static loop and the fast network path against the eager loop."""
+    variants = fast_variants(args, device)
     for row in rows:
-        if row.static is None:
+        if row.mr_sampler is None:
             continue
-        sampler, model, mu, prior = row.static
-        static = StaticMRSampler(sampler, args.batch, device, mu.dtype, has_mu=True)
-        x_T = prior()
-        try:
-            static_x, static_mu = x_T.clone(), mu.clone()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    static(model, static_x, static_mu)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = static(model, static_x, static_mu)
-            graph.replay()
-            synchronize(device)
-            row.results["graph"] = wall_time(graph.replay, device, args.repeats)[0]
-            net_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(net_graph):
-                for _ in range(row.nfe):
-                    networks[row.network]()
-            row.results["graph_network"] = wall_time(net_graph.replay, device, args.repeats)[0]
-            row.results["graph_outside"] = max(0.0, 1 - row.results["graph_network"] / row.results["graph"])
-            row.results["graph_finite"] = bool(torch.isfinite(static_out).all())
-        except RuntimeError as error:
-            notes.append(f"CUDA graph capture of {row.label} NFE {row.nfe} failed: {error}")
+        sde, steps, options = row.mr_sampler
+        row.results["fast"] = []
+        reference = None
+        for label, loop, switches in tqdm(variants, desc=f"fast path NFE {steps}", leave=False):
+            # a fresh copy per variant: FastNetwork converts the weights' memory format in place
+            net = mr_net if switches is None else FastNetwork(copy.deepcopy(mr_net), **switches)
+            sampler = MRSampler(sde, steps, loop=loop, **options)
+            try:
+                with torch.no_grad():
+                    output, first, seconds = timed_variant(lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1)),
+                                                           device, args.repeats)
+            except RuntimeError as error:  # e.g. a CUDA graph capture that fails on this machine
+                notes.append(f"{label}, NFE {steps}: {error}")
+                continue
+            if reference is None:
+                reference, baseline = output, seconds
+            difference, psnr = output_agreement(output, reference)
+            row.results["fast"].append((label, first, seconds, baseline / seconds, torch.equal(output, reference), difference, psnr))
+
+
+def official_rows(args, preset: str, device: torch.device):
+    """The official MR Sampler code against msdiff on the same network, x_T and noise, per batch size."""
+    import compare_reference as reference  # the official code's loader and noise scripting
+
+    sampler_module, sde_utils = reference.load_mr_sampler(args.mr_sampler_dir)
+    mr_net, _ = mr_and_cmde_networks(preset, device)
+    size, nfe = mr_net.image_size, args.official_nfe
+    sde = MRSDE.from_irsde(reference.MAX_SIGMA, reference.T, reference.SCHEDULE, reference.EPS, "mrs")
+    opt = {"sde": {"max_sigma": reference.MAX_SIGMA, "T": reference.T, "schedule": reference.SCHEDULE, "eps": reference.EPS}}
+    results = []
+    for batch in args.official_batches:
+        g = torch.Generator().manual_seed(0)
+        mu = torch.rand(batch, 3, size, size, generator=g).to(device)
+        x_T = sde.prior(mu.cpu(), g).to(device)
+        draws = reference.stream_draws(1, nfe, x_T)
+
+        def official_network(x, condition, t, **context):  # IR-SDE's network signature
+            return mr_net(torch.cat([x - condition, condition], dim=1), torch.full((x.shape[0],), float(t), device=x.device))
+
+        irsde = sde_utils.IRSDE(max_sigma=reference.MAX_SIGMA, T=reference.T, schedule=reference.SCHEDULE, eps=reference.EPS, device=device)
+        irsde.set_model(official_network)
+        with reference.restored_class(sde_utils.IRSDE):
+            official = sampler_module.MRSampler(irsde, opt, nfe, solver_type="sde", parameterization="data", order=2, fit_target="noise",
+                                                time_schedule="linspace")
+
+            def run_official():
+                with reference.scripted_noise(draws):
+                    return official.sampling(mu, noisy_state=x_T)[0]
+
+            expected, _, official_seconds = timed_variant(run_official, device, args.repeats)
+        grid = torch.tensor(official.timesteps, dtype=torch.float64)
+        rows = [("official MR Sampler code (float32 eager network)", None, official_seconds, 1.0, 0.0, math.inf)]
+        for label, loop, switches in fast_variants(args, device):
+            net = mr_net if switches is None else FastNetwork(copy.deepcopy(mr_net), **switches)
+            sampler = MRSampler(sde, nfe, solver="sde", order=2, prediction="data", model_output="noise", timesteps=grid, loop=loop)
+            with torch.no_grad():
+                output, first, seconds = timed_variant(
+                    lambda: sampler.sample(mr_network(net), mu, x_T=x_T, generator=torch.Generator().manual_seed(1)).clamp(0, 1), device, args.repeats)
+            rows.append((f"msdiff: {label.replace(' (baseline)', '')}", first, seconds, official_seconds / seconds, *output_agreement(output, expected)))
+        results.append((batch, rows))
+    return results, reference.revision(args.mr_sampler_dir)
+
+
+def profile_fast_path(args, mr_net, mu, device) -> str:
+    """Where the time of one MR Sampler run (NFE 10, static loop, FastNetwork defaults) goes: torch.profiler's
+    operators by self time."""
+    sampler = MRSampler(MRSDE(50 / 255, "cosine", 0.005), 10, solver="sde", loop="graph" if device.type == "cuda" else "static")
+    net = FastNetwork(copy.deepcopy(mr_net))
+    run = lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1))  # noqa: E731
+    run()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profile.key_averages().table(sort_by=key, row_limit=20)
+
+
+def graph_network_time(args, rows, networks, device):
+    """The network alone, NFE calls captured as one CUDA graph: the floor under the graphed loop."""
+    for row in rows:
+        if row.mr_sampler is None:
+            continue
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            for _ in range(row.nfe):
+                networks[row.network]()
+        row.results["graph_network"] = wall_time(graph.replay, device, args.repeats)[0]
 
 
 def report(args, device, per_preset, seconds):
@@ -322,62 +370,70 @@ def report(args, device, per_preset, seconds):
         f"# End-to-end sampling, {device.type}",
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} CPU threads, device {device}{gpu}; torch {torch.__version__}.",
-        f"Date: {datetime.date.today().isoformat()}. Wall time of the benchmark {seconds:.0f} s.",
+        f"Date: {datetime.date.today().isoformat()}. Wall time of the benchmark {seconds:.0f} s; load average at the end {os.getloadavg()[0]:.2f}.",
         "Command: `python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) + "`",
         "",
-        f"Batch {args.batch}, float32, randomly initialised networks, best of {args.repeats} timed runs after a warm-up (one run above 200 NFE). "
+        f"Batch {args.batch} (official section: batches {', '.join(map(str, args.official_batches))}), float32 unless a row says otherwise, "
+        f"randomly initialised networks, best of {args.repeats} timed runs after a warm-up (one run above 200 NFE). "
         f"Runs above {args.max_measured_nfe} NFE are timed on a shorter run of the same sampler and extrapolated linearly in NFE. "
         "\"outside network\": the share of the wall time spent outside the network's calls, timed inside the same run. Analytic error: the same sampler with the exact "
         f"denoiser of N({DATA_MEAN}, {DATA_STD}^2) data ({args.analytic_samples} samples x 8 dimensions), per-dimension "
         "Gaussian W2 to the data (0 is exact; the Monte-Carlo floor at this size is about "
-        f"{1.25 * DATA_STD / math.sqrt(args.analytic_samples):.1e}).",
+        f"{1.25 * DATA_STD / math.sqrt(args.analytic_samples):.1e}). First call: the warm-up call's time (torch.compile compiles then; "
+        "a CUDA graph is captured then). PSNR: of the row's output against the reference output (eager loop or official code), both "
+        "clamped to [0, 1]; inf means identical.",
         "",
     ]
-    for preset, (rows, info, notes) in per_preset.items():
-        pc = next(r for r in rows if r.nfe == 2000).results["time"]
-        posterior = next(r for r in rows if r.nfe == 100).results["time"]
-        lines += [
-            f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)",
-            "",
-            "Network time per call, measured inside the runs: " + ", ".join(f"{row.label} NFE {row.nfe}: {1e3 * row.results['network'] / row.nfe:.1f} ms" for row in rows) + ".",
-            "",
-            "| sampler | network | NFE | wall time (s) | per image (s) | speed-up vs PC 2000 | vs posterior 100 | outside network | analytic W2 | timing |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            r = row.results
-            lines.append(
-                f"| {row.label} | {row.network} | {row.nfe} | {r['time']:.3f} | {r['time'] / args.batch:.3f} | {pc / r['time']:.1f}x | "
-                f"{posterior / r['time']:.1f}x | {100 * r['outside']:.1f}% | {r['error']:.2e} | {r['how']} |"
-            )
-        graphed = [row for row in rows if "graph" in row.results]
-        if graphed:
+    for preset, (rows, info, notes, official, profile) in per_preset.items():
+        lines += [f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)", ""]
+        if rows and "time" in rows[0].results:
+            pc = next(r for r in rows if r.nfe == 2000).results["time"]
+            posterior = next(r for r in rows if r.nfe == 100).results["time"]
             lines += [
+                "Network time per call, measured inside the runs: " + ", ".join(f"{row.label} NFE {row.nfe}: {1e3 * row.results['network'] / row.nfe:.1f} ms" for row in rows) + ".",
                 "",
-                "CUDA graphs (MR Sampler rows; StaticMRSampler: coefficients precomputed on the device, no host syncs):",
-                "",
-                "| sampler | NFE | MRSampler.sample (s) | static loop, eager (s) | whole loop as one CUDA graph (s) | graph speed-up | outside network, graphed | static vs MRSampler (ODE, max rel. diff) |",
-                "|---|---|---|---|---|---|---|---|",
+                "| sampler | network | NFE | wall time (s) | per image (s) | speed-up vs PC 2000 | vs posterior 100 | outside network | analytic W2 | timing |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
-            for row in graphed:
+            for row in rows:
                 r = row.results
                 lines.append(
-                    f"| {row.label} | {row.nfe} | {r['time']:.4f} | {r['static_eager']:.4f} | {r['graph']:.4f} | {r['time'] / r['graph']:.2f}x | "
-                    f"{100 * r['graph_outside']:.1f}% | {r['static_check']:.1e} |"
+                    f"| {row.label} | {row.network} | {row.nfe} | {r['time']:.3f} | {r['time'] / args.batch:.3f} | {pc / r['time']:.1f}x | "
+                    f"{posterior / r['time']:.1f}x | {100 * r['outside']:.1f}% | {r['error']:.2e} | {r['how']} |"
                 )
-        ungraphed = [row for row in rows if "static_eager" in row.results and "graph" not in row.results]
-        if ungraphed:
+            lines.append("")
+        fast = [row for row in rows if row.results.get("fast")]
+        if fast:
             lines += [
+                f"Fast path (MR Sampler SDE-2 data, batch {args.batch}): MRSampler(loop=...) and models.FastNetwork against MRSampler.sample "
+                "with the plain float32 network; same generator seed.",
                 "",
-                "Graph-capturable loop (StaticMRSampler: coefficients precomputed once on the device, no host syncs), run eagerly:",
-                "",
-                "| sampler | NFE | MRSampler.sample (s) | static loop (s) | static vs MRSampler (ODE, max rel. diff) |",
-                "|---|---|---|---|---|",
+                "| NFE | variant | first call (s) | wall time (s) | speed-up | identical | max abs diff | PSNR vs eager (dB) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
-            for row in ungraphed:
-                r = row.results
-                lines.append(f"| {row.label} | {row.nfe} | {r['time']:.4f} | {r['static_eager']:.4f} | {r['static_check']:.1e} |")
-        lines += [""] + [f"- {note}" for note in notes] + [""]
+            for row in fast:
+                for label, first, wall, speedup, identical, difference, psnr in row.results["fast"]:
+                    lines.append(f"| {row.nfe} | {label} | {first:.3f} | {wall:.3f} | {speedup:.2f}x | {'yes' if identical else 'no'} | {difference:.1e} | {psnr:.1f} |")
+                if "graph_network" in row.results:
+                    lines.append(f"| {row.nfe} | the network alone, {row.nfe} calls as one CUDA graph (floor) | | {row.results['graph_network']:.3f} | | | | |")
+            lines.append("")
+        if official is not None:
+            results, revision = official
+            lines += [
+                f"Against the official MR Sampler code (grrrute/mr-sampler {revision}), SDE-2 data prediction, NFE {args.official_nfe}, "
+                "official linspace grid, same network, x_T and noise:",
+                "",
+                "| batch | code | first call (s) | wall time (s) | per image (s) | official / row | max abs diff vs official | PSNR vs official (dB) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for batch, official_rows_ in results:
+                for label, first, wall, ratio, difference, psnr in official_rows_:
+                    first_text = "" if first is None else f"{first:.3f}"
+                    lines.append(f"| {batch} | {label} | {first_text} | {wall:.3f} | {wall / batch:.3f} | {ratio:.2f}x | {difference:.1e} | {psnr:.1f} |")
+            lines.append("")
+        if profile is not None:
+            lines += ["Profile of one fast-path run (NFE 10, static loop, FastNetwork defaults), operators by self time:", "", "```", profile, "```", ""]
+        lines += [f"- {note}" for note in notes] + [""]
     out = args.out_dir / f"end_to_end_{device.type}.md"
     out.write_text("\n".join(lines))
     return out
@@ -385,12 +441,18 @@ def report(args, device, per_preset, seconds):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds CUDA-graph capture)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the static loop as a CUDA graph)")
     parser.add_argument("--presets", nargs="+", default=["celeba_sr_x8_160", "tiny"])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="default: all (official only with --mr-sampler-dir)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 1 on CPU, 16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row, best kept (default 2 on CPU, 5 on CUDA)")
     parser.add_argument("--max-measured-nfe", type=int, default=None, help="longer runs are extrapolated (default 20 on CPU, 2000 on CUDA)")
     parser.add_argument("--analytic-samples", type=int, default=4096)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (the first call compiles for minutes on a CPU)")
+    parser.add_argument("--mr-sampler-dir", type=Path, default=os.environ.get("MR_SAMPLER_DIR"), help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)")
+    parser.add_argument("--official-nfe", type=int, default=10)
+    parser.add_argument("--official-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler table of one fast-path run per preset")
     parser.add_argument("--quick", action="store_true", help="tiny preset only, 1024 analytic samples")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -405,8 +467,12 @@ def parse_args():
     args.max_measured_nfe = args.max_measured_nfe or (2000 if on_gpu else 20)
     if args.quick:
         args.presets, args.analytic_samples = ["tiny"], 1024
-    if min(args.batch, args.repeats, args.max_measured_nfe, args.analytic_samples) < 1:
-        parser.error("--batch, --repeats, --max-measured-nfe, --analytic-samples: expected positive integers")
+    if args.sections is None:
+        args.sections = [s for s in SECTIONS if s != "official" or args.mr_sampler_dir]
+    if "official" in args.sections and (args.mr_sampler_dir is None or not Path(args.mr_sampler_dir).is_dir()):
+        parser.error(f"--sections official: expected a checkout of grrrute/mr-sampler in --mr-sampler-dir or MR_SAMPLER_DIR, got {args.mr_sampler_dir}")
+    if min(args.batch, args.repeats, args.max_measured_nfe, args.analytic_samples, args.official_nfe, *args.official_batches) < 1:
+        parser.error("--batch, --repeats, --max-measured-nfe, --analytic-samples, --official-nfe, --official-batches: expected positive integers")
     return args, device
 
 
@@ -414,17 +480,25 @@ def main():
     args, device = parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if "official" in args.sections:
+        import compare_reference
+
+        compare_reference.prepare_imports()
     per_preset = {}
-    with torch.no_grad():
-        for preset in args.presets:
-            rows, networks, info = build_rows(args, preset, device)
-            notes = []
-            time_rows(args, rows, device)
-            analytic_errors(rows)
-            static_rows(args, rows, device)
+    for preset in args.presets:
+        rows, networks, info, (mr_net, mu) = build_rows(args, preset, device)
+        notes = []
+        if "samplers" in args.sections:
+            with torch.no_grad():
+                time_rows(args, rows, device)
+                analytic_errors(rows)
+        if "fast" in args.sections:
+            fast_rows(args, rows, mr_net, mu, device, notes)
             if device.type == "cuda":
-                graph_rows(args, rows, networks, device, notes)
-            per_preset[preset] = (rows, info, notes)
+                graph_network_time(args, rows, networks, device)
+        official = official_rows(args, preset, device) if "official" in args.sections else None
+        profile = profile_fast_path(args, mr_net, mu, device) if args.profile else None
+        per_preset[preset] = (rows, info, notes, official, profile)
     out = report(args, device, per_preset, time.perf_counter() - start)
     print(out.read_text())
     print(f"wrote {out}")

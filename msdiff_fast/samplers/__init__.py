@@ -3,10 +3,12 @@
 from .baselines import conditioned_model, euler_maruyama, pc_sample, posterior_sample, probability_flow_euler
 from .mr_sampler import MRSampler, UnstableSolverWarning, sample
 from .parameterization import convert, prediction_coefficients
+from .static import StaticMRSampler
 from .timesteps import get_timesteps
 
 __all__ = [
     "MRSampler",
+    "StaticMRSampler",
     "conditioned_model",
     "euler_maruyama",
     "pc_sample",

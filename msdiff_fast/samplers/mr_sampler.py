@@ -27,7 +27,7 @@ at NFE 10-80 with phi_3; 3.2 to 4 with 2 phi_3; python_tests/test_samplers.py ch
 import math
 import warnings
 from collections import deque
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +38,7 @@ from .parameterization import KINDS, PREDICTIONS, check_kind, prediction_coeffic
 from .timesteps import get_timesteps
 
 Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+LOOPS = ("eager", "static", "graph")
 
 
 class UnstableSolverWarning(UserWarning):
@@ -135,6 +136,11 @@ class MRSampler:
     multistep: the form of the second-order steps, "heun" (the MR Sampler code's, the default) or
     "midpoint" (DPM-Solver++(2M) as k-diffusion and diffusers write it); see the module docstring.
     check_finite: raise at the first step that produces NaN/inf or values beyond any sane range.
+    loop: "eager" (a Python loop that checks every step), "static" (every coefficient precomputed
+    on the device, no host synchronisation until the end; the same output bit for bit) or "graph"
+    (the static loop captured once as a CUDA graph per model and input shape, then replayed;
+    CUDA tensors only). The static loops are planned at the first call, from the settings then:
+    for other settings build another MRSampler. See ``samplers.static.StaticMRSampler``.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class MRSampler:
         check_finite: bool = True,
         backend: str = "auto",
         multistep: str = "heun",
+        loop: str = "eager",
     ):
         if isinstance(sde, MultiSpeedSDE):
             sde = sde.x
@@ -173,13 +180,16 @@ class MRSampler:
             raise ValueError(f"threshold: expected a quantile in (0, 1], got {threshold!r}")
         if multistep not in MULTISTEP_FORMS:
             raise ValueError(f"multistep: expected one of {MULTISTEP_FORMS}, got {multistep!r}")
+        if loop not in LOOPS:
+            raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")
         self.sde, self.solver, self.order = sde, solver, order
         self.prediction, self.model_output = prediction, model_output
         self.timesteps = get_timesteps(sde, steps, timesteps, t_start, t_end)
         self.steps = steps
         self.denoise_last, self.clip, self.threshold = denoise_last, clip, threshold
         self.lower_order_final, self.check_finite, self.backend = lower_order_final, check_finite, backend
-        self.multistep = multistep
+        self.multistep, self.loop = multistep, loop
+        self._static = None
         self.lams = sde.lam(self.timesteps)
         if solver == "sde" and prediction == "noise":
             widest = float((self.lams[1:] - self.lams[:-1]).clamp(max=50).max())
@@ -226,8 +236,11 @@ class MRSampler:
         if given, else mu. mu: the degraded image for mean-reverting SDEs (None for VE/VP).
         x_T: the start (default: a prior draw from ``generator``; ``shape`` when there is no mu,
         drawn on ``device``, default cond's device).
-        callback receives {"i", "t", "x", "x0"} after every step.
+        callback receives {"i", "t", "x", "x0"} after every step (eager loop only, as is progress).
         """
+        if self.loop != "eager" and (callback is not None or progress):
+            raise ValueError(f"callback, progress: expected None and False with loop={self.loop!r} (per-step host work would synchronise "
+                             f"every step), got callback={callback!r}, progress={progress!r}; use loop='eager'")
         sde = self.sde
         sde.check_mu(mu)
         check_generator(generator)
@@ -236,22 +249,28 @@ class MRSampler:
             return x.clone()
         condition = cond if cond is not None else mu
         seed = seed_from(generator)
+        if self.loop == "eager":
+            return self.run_eager(model, x, mu, condition, seed, callback, progress)
+        if self._static is None:
+            from .static import StaticMRSampler  # static builds on this module
+
+            self._static = StaticMRSampler(self, graph=self.loop == "graph")
+        return self._static.run(model, x, mu, condition, seed)
+
+    def run_eager(self, model: Model, x: torch.Tensor, mu, condition, seed: int, callback=None, progress: bool = False) -> torch.Tensor:
+        """The step-by-step loop from the start x with the noise seed ``seed`` (see ``sample``)."""
         history = deque(maxlen=max(self.order - 1, 1))
-        limit = divergence_limit(sde, mu)
+        limit = divergence_limit(self.sde, mu)
         for i in tqdm(range(self.steps), disable=not progress, desc="MR Sampler", leave=False):
             s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
             output = call_model(model, x, s, condition, i, self.steps, "MRSampler", check=self.check_finite)
-            prediction = self.prediction_of(output, x, mu, s, seed, i)
+            prediction = self.prediction_of(output, x, mu, s)
             if self.denoise_last and i == self.steps - 1:
                 x0 = self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend)
                 if self.check_finite:
                     check_state(x0, limit, i, self.steps, s, 0.0, "MRSampler (denoise_last)")
                 return x0
-            order = self.step_order(i)
-            a, weights, m, noise = step_coefficients(self.solver, self.prediction, order, sde, s, t, [lam for lam, _ in history], self.multistep)
-            update = Combination([(x, a), (mu, m)])
-            for weight, form in zip(weights, [prediction] + [form for _, form in history]):
-                update = update + form.scaled(weight)
+            update, noise = self.update_of(i, x, mu, prediction, history)
             x0 = self.data_of(prediction, x, mu, s).evaluate(x, backend=self.backend) if callback is not None else None
             x = update.evaluate(x, noise, seed=seed, offset=i * x.numel(), backend=self.backend)
             if self.check_finite:
@@ -261,17 +280,46 @@ class MRSampler:
                 callback({"i": i, "t": t, "x": x, "x0": x0})
         return x.clamp(*self.clip) if self.clip is not None else x
 
-    def prediction_of(self, output, x, mu, s, seed, i) -> Combination:
-        """The solver's prediction at time s as a combination of (output, x, mu)."""
-        if self.clip is None and self.threshold is None:
-            c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, self.model_output, self.prediction))
-            return Combination([(output, c_out), (x, c_x), (mu, c_mu)])
-        c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, self.model_output, "data"))
-        x0 = limit_data(Combination([(output, c_out), (x, c_x), (mu, c_mu)]).evaluate(x, backend=self.backend), self.clip, self.threshold)
+    # The methods below build each step from Combinations of whatever stands for the tensors:
+    # real tensors in run_eager, placeholders when StaticMRSampler plans its loop, so both loops
+    # run the same coefficient arithmetic.
+    @property
+    def limits_data(self) -> bool:
+        """Whether data predictions are clipped or thresholded (then evaluated before the update)."""
+        return self.clip is not None or self.threshold is not None
+
+    def raw_prediction(self, output, x, mu, s: float) -> Combination:
+        """What the network's output says at time s: the solver's prediction, or the data
+        prediction when it is to be limited first."""
+        kind = "data" if self.limits_data else self.prediction
+        c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, self.model_output, kind))
+        return Combination([(output, c_out), (x, c_x), (mu, c_mu)])
+
+    def prediction_from_data(self, x0, x, mu, s: float) -> Combination:
+        """The solver's prediction from a (limited) data prediction x0."""
         if self.prediction == "data":
             return Combination([(x0, 1.0)])
         alpha, sigma = float(self.sde.alpha(s)), float(self.sde.sigma(s))
         return Combination([(x0, -alpha / sigma), (x, 1 / sigma), (mu, -(1 - alpha) / sigma)])
+
+    def prediction_of(self, output, x, mu, s: float) -> Combination:
+        """The solver's prediction at time s as a combination of (output, x, mu)."""
+        raw = self.raw_prediction(output, x, mu, s)
+        if not self.limits_data:
+            return raw
+        x0 = limit_data(raw.evaluate(x, backend=self.backend), self.clip, self.threshold)
+        return self.prediction_from_data(x0, x, mu, s)
+
+    def update_of(self, i: int, x, mu, prediction: Combination, history) -> Tuple[Combination, float]:
+        """Step i's update as (combination, noise coefficient); history holds (lam, prediction) of
+        the previous steps, newest first."""
+        s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
+        a, weights, m, noise = step_coefficients(self.solver, self.prediction, self.step_order(i), self.sde, s, t, [lam for lam, _ in history],
+                                                 self.multistep)
+        update = Combination([(x, a), (mu, m)])
+        for weight, form in zip(weights, [prediction] + [form for _, form in history]):
+            update = update + form.scaled(weight)
+        return update, noise
 
     def data_of(self, prediction: Combination, x, mu, s) -> Combination:
         if self.prediction == "data":
@@ -318,11 +366,17 @@ def initial_state(sde: LinearSDE, mu, x_T, shape, generator, device=None) -> tor
     return prior if device is None else prior.to(device)
 
 
-def call_model(model: Model, x: torch.Tensor, s: float, condition, i: int = 0, steps: int = 1, name: str = "sampler",
+def time_tensor(x: torch.Tensor, s: float) -> torch.Tensor:
+    """The [B] time tensor the model receives at time s (float64 for float64 states)."""
+    return torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+
+
+def call_model(model: Model, x: torch.Tensor, s: Union[float, torch.Tensor], condition, i: int = 0, steps: int = 1, name: str = "sampler",
                check: bool = True) -> torch.Tensor:
     """model(x, t, condition) for step i, checked: shape of x, a floating dtype (cast to x's), and
-    (``check``) finite values, so that a network producing NaN is named as the cause, not the solver."""
-    t = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    (``check``) finite values, so that a network producing NaN is named as the cause, not the solver.
+    s is the time, or its ready-made ``time_tensor``."""
+    t = s if isinstance(s, torch.Tensor) else time_tensor(x, s)
     output = model(x, t, condition)
     if not isinstance(output, torch.Tensor) or output.shape != x.shape:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -330,7 +384,8 @@ def call_model(model: Model, x: torch.Tensor, s: float, condition, i: int = 0, s
     if not output.is_floating_point():
         raise TypeError(f"model: expected a floating-point output (like x_t, {x.dtype}), got {output.dtype}")
     if check and not bool(torch.isfinite(output).all()):
-        raise FloatingPointError(f"{name}: the model's output at step {i + 1}/{steps} (t = {s:.4g}) holds NaN or inf; the network "
+        time = float(t.reshape(-1)[0]) if t.numel() else float("nan")
+        raise FloatingPointError(f"{name}: the model's output at step {i + 1}/{steps} (t = {time:.4g}) holds NaN or inf; the network "
                                  f"or its weights produce non-finite values (not a solver problem: more steps will not help)")
     if output.dtype != x.dtype:
         output = output.to(x.dtype)
