@@ -105,7 +105,7 @@ done
 PATH="$PWD/$tools/bin:$PATH" "$tools/bin/auditwheel" repair --plat "$platform" --only-plat --wheel-dir "$work/repaired" "$work"/raw/*.whl
 for wheel in "$work"/repaired/*.whl; do
   "$tools/bin/auditwheel" show "$wheel"
-  case $wheel in *-abi3-*) "$tools/bin/abi3audit" --strict "$wheel" ;; esac
+  case $wheel in *-abi3-*) "$tools/bin/abi3audit" --strict --verbose "$wheel" ;; esac
 done
 "$tools/bin/twine" check --strict "$work"/repaired/*.whl "$sdist"
 "$tools/bin/python" scripts/wheel/check_wheel.py "${cuda_check[@]}" "$work"/repaired
