@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv, then runs `msdiff demo` (extra arguments are passed on).
+# The main job: sets up .venv (triton only on a CUDA machine), then runs `msdiff demo` (extra
+# arguments are passed on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
