@@ -15,17 +15,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
 PY=.venv/bin/python
-if ! "$PY" -c "import torch" 2>/dev/null; then
+torch_sees_cuda() { "$PY" -c "import torch; print(int(torch.cuda.is_available()))"; }
+if ! cuda=$(torch_sees_cuda 2>/dev/null); then
   # torch 2.13.0 has wheels for Python 3.10 and later; 2.8.0 is the newest for Python 3.9.
   if "$PY" -c "import sys; sys.exit(sys.version_info < (3, 10))"; then
     "$PY" -m pip install -q torch==2.13.0
   else
     "$PY" -m pip install -q torch==2.8.0
   fi
+  cuda=$(torch_sees_cuda)
 fi
 # Triton's kernels run natively only on a CUDA GPU (on a CPU only in its slow interpreter, which
 # the tests ask for themselves), so the demo gets it only there.
-if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+if [ "$cuda" = 1 ]; then
   extras=${extras:+$extras,}triton
 fi
 
