@@ -2,7 +2,11 @@
 
 Modules: msdiff_fast._C (CPU kernels, always) and msdiff_fast._C_cuda (CUDA kernels, whenever a
 CUDA compiler is found: nvcc on PATH or under CUDA_HOME / CUDA_PATH; never decided by a GPU).
-No torch at build time: the modules exchange tensors through DLPack (nanobind).
+No torch at build time: the modules exchange tensors through DLPack (nanobind). On CPython >= 3.12
+they are built for the stable ABI, so one cp312-abi3 wheel serves every later Python as well.
+
+Editable and in-place builds keep CMake's folder in build/cmake-<python tag>/, so a rebuild
+compiles only what changed; wheels build in setuptools' own temporary folder.
 
 Environment:
   MSDIFF_FAST_CUDA=0|1         skip the CUDA module / require it (default: build it if nvcc is found)
@@ -10,14 +14,17 @@ Environment:
   MSDIFF_FAST_NATIVE=1         compile the CPU kernels for this machine only (-march=native)
   MSDIFF_FAST_VECTORIZE_REPORT=1  print the compiler's list of vectorised loops
   MAX_JOBS=N                   parallel compile jobs (default: CPU count)
+  CMAKE_ARGS="-DX=Y ..."       further CMake arguments (scripts/build_wheel.sh passes link flags)
 """
 
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -78,19 +85,33 @@ def _build_tools():
     return cmake, ninja
 
 
+# nanobind builds abi3 modules for CPython >= 3.12 with the GIL (a free-threaded Python has no abi3).
+STABLE_ABI = (
+    sys.implementation.name == "cpython" and sys.version_info >= (3, 12) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], py_limited_api=STABLE_ABI)
 
 
 class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt once, then places every module where setuptools wants it."""
 
+    def run(self):
+        # build_ext.run() clears self.inplace before build_extensions(), so remember it here.
+        self.builds_in_tree = self.inplace or self.editable_mode
+        super().run()
+
     def build_extensions(self):
         import nanobind
 
         cmake, ninja = _build_tools()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        if self.builds_in_tree:
+            build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}{'-abi3' if STABLE_ABI else ''}"
+        else:
+            build_dir = Path(self.build_temp).resolve() / "cmake"
         staging = build_dir / "modules"
         cuda = _wants_cuda()
         definitions = {
@@ -101,12 +122,14 @@ class CMakeBuild(build_ext):
             "MSDIFF_FAST_CUDA": "ON" if cuda else "OFF",
             "MSDIFF_FAST_NATIVE": "ON" if _flag("MSDIFF_FAST_NATIVE") else "OFF",
             "MSDIFF_FAST_VECTORIZE_REPORT": "ON" if _flag("MSDIFF_FAST_VECTORIZE_REPORT") else "OFF",
+            "MSDIFF_FAST_STABLE_ABI": "ON" if STABLE_ABI else "OFF",
         }
         if cuda:
             definitions["CMAKE_CUDA_COMPILER"] = cuda
             definitions["MSDIFF_FAST_CUDA_ARCHS"] = _cuda_architectures(os.environ.get("MSDIFF_FAST_CUDA_ARCHS", "80;90"))
         generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
         configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), *generator] + [f"-D{k}={v}" for k, v in definitions.items()]
+        configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         # Build isolation puts cmake, ninja and nanobind in a new temporary prefix every time; a
         # cache that names the previous one cannot be reused, so it is rebuilt from scratch.
         fingerprint = hashlib.sha256(json.dumps(configure).encode()).hexdigest()
@@ -143,4 +166,8 @@ extensions = [CMakeExtension("msdiff_fast._C")]
 if _wants_cuda():
     extensions.append(CMakeExtension("msdiff_fast._C_cuda"))
 
-setup(ext_modules=extensions, cmdclass={"build_ext": CMakeBuild})
+setup(
+    ext_modules=extensions,
+    cmdclass={"build_ext": CMakeBuild},
+    options={"bdist_wheel": {"py_limited_api": "cp312"}} if STABLE_ABI else {},
+)

@@ -339,6 +339,13 @@ def _code_counts(binary) -> dict:
     }
 
 
+# Aligned blocks do a quarter of the Philox evaluations, but not always exactly a quarter of the
+# multiplies: how many of an evaluation's multiplies triton folds varies by path and version
+# (triton 3.9: 32 aligned, 128 per element; triton 3.7: 39 and 153); per-element draws in both
+# paths would make the ratio 1.
+ALIGNED_MULTIPLIES_RATIO = 0.3
+
+
 def _check_noise_code(counts: dict) -> None:
     """ALIGNED variants evaluate one Philox per four elements (a quarter of the multiplies of the
     per-element path), flattening the noise tile moves nothing between threads, and loads stay
@@ -351,7 +358,7 @@ def _check_noise_code(counts: dict) -> None:
             for dtype, c in variants:
                 assert c["layout conversions"] == 0, f"{name} ({dtype}): {c}"
                 assert c["16-byte loads"] > 0, f"{name} ({dtype}): {c}"
-        assert 4 * multiplies[True] <= multiplies[False], f"{name}: Philox multiplies aligned {multiplies[True]}, unaligned {multiplies[False]}"
+        assert multiplies[True] <= ALIGNED_MULTIPLIES_RATIO * multiplies[False], f"{name}: Philox multiplies aligned {multiplies[True]}, unaligned {multiplies[False]}"
 
 
 def _compile_for_gpus(archs=(80, 90)):

@@ -14,7 +14,9 @@ tl.randn4x per four elements; otherwise each element evaluates its own counter
 it is not autotuned, and the GPU speed of the four-normal draw is unmeasured (no GPU where this
 was written).
 
-The package imports without triton: the backend then reports why it cannot run.
+The package imports without triton, or with a triton older than 3.2 (the first with
+``do_not_specialize_on_alignment``, the one torch 2.6 pins): the backend then reports why it
+cannot run.
 """
 
 import contextlib
@@ -25,6 +27,8 @@ import torch
 
 from .dispatch import register, register_availability
 
+MIN_TRITON = (3, 2)
+
 try:
     import triton
     import triton.language as tl
@@ -33,6 +37,10 @@ except Exception as error:  # an absent or broken triton install must not break 
     _IMPORT_FAILURE: Optional[str] = f"triton is not importable ({type(error).__name__}: {error})"
 else:
     _IMPORT_FAILURE = None
+    _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if _TRITON_VERSION < MIN_TRITON:
+        _IMPORT_FAILURE = f"triton >= {'.'.join(map(str, MIN_TRITON))} is needed, found {triton.__version__}"
+        triton = None
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -61,13 +69,34 @@ if triton is not None:
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _philox_words(seed, counters):
+        """tl.randint4x(seed, counters) for int64 counters, as triton >= 3.4 computes it:
+        Philox4x32-10 on the counter's low and high 32-bit halves.
+
+        Spelled out because triton 3.2 and 3.3 (pinned by torch 2.6 and 2.7) run a 64-bit Philox
+        variant on int64 counters instead, a different stream from every other backend's.
+        """
+        low = counters.to(tl.uint32)
+        high = (counters >> 32).to(tl.uint32)
+        zero = low * 0
+        return tl.philox(seed, low, high, zero, zero)
+
+    @triton.jit
+    def _normals4x(seed, counters):
+        """tl.randn4x(seed, counters) on _philox_words: two Box-Muller pairs per counter."""
+        w0, w1, w2, w3 = _philox_words(seed, counters)
+        n0, n1 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(w0), tl.random.uint_to_uniform_float(w1))
+        n2, n3 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(w2), tl.random.uint_to_uniform_float(w3))
+        return n0, n1, n2, n3
+
+    @triton.jit
     def _stream_normal(seed, positions):
         """The stream at int64 positions: normal positions % 4 of tl.randn4x(seed, positions // 4).
 
         Each element evaluates its block's Philox and keeps one Box-Muller value, the same work
         per element as one tl.randn: the path for blocks whose first position is not a multiple of 4.
         """
-        w0, w1, w2, w3 = tl.randint4x(seed, positions >> 2)
+        w0, w1, w2, w3 = _philox_words(seed, positions >> 2)
         lane = positions & 3
         second_pair = lane >= 2
         u_radius = tl.maximum(1.0e-7, tl.random.uint_to_uniform_float(tl.where(second_pair, w2, w0)))
@@ -88,7 +117,7 @@ if triton is not None:
         """
         start = first_position + block_start
         if ALIGNED:
-            n0, n1, n2, n3 = tl.randn4x(seed, (start >> 2) + tl.arange(0, BLOCK // 4)[:, None])
+            n0, n1, n2, n3 = _normals4x(seed, (start >> 2) + tl.arange(0, BLOCK // 4)[:, None])
             lane = tl.arange(0, 4)[None, :]
             tile = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
             return tl.reshape(tile, [BLOCK])
