@@ -14,6 +14,7 @@ the metrics of a set of restored images.
 
 import argparse
 import contextlib
+import contextlib
 import json
 import math
 import os
@@ -272,6 +273,8 @@ class SamplerSpec:
     prediction: str = "data"
     timesteps: str = "uniform_lambda"
     conditioning: Optional[str] = None
+    multistep: str = "heun"
+    loop: str = "eager"
 
     @property
     def steps(self) -> int:
@@ -334,7 +337,7 @@ def restore_batch(network: torch.nn.Module, estimator, y: torch.Tensor, spec: Sa
         x_T = sde.prior(torch.zeros_like(y[:, : estimator.x_shape[0]] if estimator.x_shape else y), generator)
     if spec.name.startswith("mr-"):
         sampler = MRSampler(sde, spec.steps, solver=spec.name[3:], order=spec.order, prediction=spec.prediction,
-                            model_output=output_kind, timesteps=spec.timesteps, clip=(0.0, 1.0))
+                            model_output=output_kind, timesteps=spec.timesteps, clip=(0.0, 1.0), multistep=spec.multistep, loop=spec.loop)
         x = sampler.sample(model, mu, x_T=x_T, generator=generator)
     elif spec.name == "posterior":
         x = posterior_sample(model, sde, mu, spec.steps, model_output=output_kind, x_T=x_T, generator=generator)
@@ -345,30 +348,48 @@ def restore_batch(network: torch.nn.Module, estimator, y: torch.Tensor, spec: Sa
     return x.clamp(0.0, 1.0)
 
 
-def restore_images(network: torch.nn.Module, estimator, conditions: Sequence[torch.Tensor], spec: SamplerSpec, generator: torch.Generator,
-                   tile: int, overlap: int, batch: int, progress: bool = False, description: str = "restore") -> List[torch.Tensor]:
+def restoration_batches(shapes: Sequence[Tuple[int, ...]], tile: int, overlap: int, batch: int) -> List[List[int]]:
+    """The indices of the images restored together, in order: images of one size, as many as
+    give at most ``batch`` tiles per network call (at least one). Depends on nothing but its
+    arguments, so every process of a sharded run forms the same batches."""
+    from .tiling import TileLayout
+
+    by_size: Dict[Tuple[int, ...], List[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_size.setdefault(tuple(shape), []).append(index)
+    batches = []
+    for shape, indices in by_size.items():
+        per_call = max(1, batch // len(TileLayout.for_image(shape[-2], shape[-1], tile, overlap)))
+        batches += [indices[start:start + per_call] for start in range(0, len(indices), per_call)]
+    return batches
+
+
+def restore_images(network: torch.nn.Module, estimator, conditions: Sequence[torch.Tensor], spec: SamplerSpec, seed: int,
+                   tile: int, overlap: int, batch: int, progress: bool = False, description: str = "restore",
+                   rank: int = 0, world_size: int = 1) -> List[Optional[torch.Tensor]]:
     """Restore conditions [C, H, W] of any sizes (on the network's device): one sample each, in order.
 
     The sampler runs on whole images and only the network is evaluated tile by tile
     (``tiling.TiledNetwork``: one noise draw per image, so neighbouring tiles agree and no seams
-    show); images of one size are restored together, ``batch`` tiles per network call."""
-    from .tiling import TiledNetwork, TileLayout
+    show); images of one size are restored together (``restoration_batches``), ``batch`` tiles per
+    network call. Batch k draws its noise from ``stream_seed(seed, k)``, so the result does not
+    depend on how the batches are shared out: with ``rank`` / ``world_size`` this process restores
+    batches rank, rank + world_size, ... and returns None for the images of the others."""
+    from .distributed import shard
+    from .tiling import TiledNetwork
+    from .training.trainer import stream_seed
 
     tiled = TiledNetwork(network, tile, overlap, batch)
-    by_size: Dict[Tuple[int, ...], List[int]] = {}
-    for index, condition in enumerate(conditions):
-        by_size.setdefault(tuple(condition.shape), []).append(index)
+    batches = restoration_batches([condition.shape for condition in conditions], tile, overlap, batch)
+    mine = shard(list(enumerate(batches)), rank, world_size)
     restored: List[Optional[torch.Tensor]] = [None] * len(conditions)
-    with tqdm(total=len(conditions), desc=description, unit="image", disable=not progress) as bar:
-        for shape, indices in by_size.items():
-            tiles = len(TileLayout.for_image(shape[1], shape[2], tile, overlap))
-            per_call = max(1, batch // tiles)
-            for start in range(0, len(indices), per_call):
-                chosen = indices[start:start + per_call]
-                output = restore_batch(tiled, estimator, torch.stack([conditions[i] for i in chosen]), spec, generator)
-                for i, image in zip(chosen, output):
-                    restored[i] = image
-                bar.update(len(chosen))
+    with tqdm(total=sum(len(chosen) for _, chosen in mine), desc=description, unit="image", disable=not progress) as bar:
+        for index, chosen in mine:
+            generator = torch.Generator().manual_seed(stream_seed(seed, index))
+            output = restore_batch(tiled, estimator, torch.stack([conditions[i] for i in chosen]), spec, generator)
+            for i, image in zip(chosen, output):
+                restored[i] = image
+            bar.update(len(chosen))
     return restored
 
 
@@ -586,7 +607,8 @@ def command_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             steps=steps, batch_size=chosen("batch_size", 16), lr=chosen("lr", 2e-4), warmup=chosen("warmup", 100),
-            lr_schedule=chosen("lr_schedule", "constant"),
+            lr_schedule=chosen("lr_schedule", "constant"), compile=chosen("compile", False),
+            channels_last=chosen("channels_last", False), optimizer_impl=chosen("optimizer_impl", "auto"),
             grad_clip=chosen("grad_clip", 1.0), ema_decay=chosen("ema_decay", 0.999), amp=chosen("amp", "none"),
             seed=chosen("seed", 0), log_every=args.log_every, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints, out_dir=str(out), device=str(device), num_workers=args.workers,
@@ -683,11 +705,9 @@ def _no_estimator_flags(args) -> bool:
 def _flag_message(error: ValueError) -> str:
     """TrainConfig.batch_size: ... -> --batch-size: ..."""
     text = _one_line(error)
-    renames = {"batch_size": "batch-size", "ema_decay": "ema-decay", "grad_clip": "grad-clip", "checkpoint_every": "checkpoint-every",
-               "log_every": "log-every", "preview_every": "preview-every", "keep_checkpoints": "keep-checkpoints", "num_workers": "workers"}
     if text.startswith("TrainConfig."):
         name, _, rest = text[len("TrainConfig."):].partition(":")
-        return f"--{renames.get(name, name)}:{rest}"
+        return f"--{'workers' if name == 'num_workers' else name.replace('_', '-')}:{rest}"
     return text
 
 
@@ -710,17 +730,30 @@ def _preview_writer(spec: ModelSpec, dataset, out: Path, device: torch.device):
 
 # ---------------------------------------------------------------------------- sample
 def command_sample(args: argparse.Namespace) -> int:
+    """Restore every image under --input. Under torchrun each process restores its share of the
+    batches a single process would form (each batch seeded from its own index, so the files are
+    the same whatever the number of processes); rank 0 holds the output folder's lock."""
+    from .distributed import distributed_env
+    from .models import FastNetwork
     from .training import write_image
+    from .training.trainer import stream_seed
 
     check_seed(args.seed)
+    rank, local_rank, world = distributed_env()
     device = device_from(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
     trained = load_trained(args.checkpoint, device, ema=not args.raw_weights)
     spec = trained.spec
     if args.task is not None and args.task != spec.task:
         raise CLIError(f"--task {args.task}: checkpoint {trained.path} was trained for task {spec.task!r}; "
                        f"use a checkpoint trained for {args.task!r} or drop --task")
-    sampler = SamplerSpec(args.sampler, args.nfe, args.order, args.prediction, args.timesteps, args.conditioning)
+    sampler = SamplerSpec(args.sampler, args.nfe, args.order, args.prediction, args.timesteps, args.conditioning, args.multistep, args.loop)
     sampler.check(trained.estimator)
+    try:
+        network = FastNetwork(trained.network, channels_last=not args.no_channels_last, bf16=args.bf16, compile=args.compile)
+    except ValueError as err:
+        raise CLIError(f"--bf16: {_one_line(err)}", 2) from None
     tile = spec.image_size
     overlap = tile // 4 if args.overlap is None else args.overlap
     if not 0 <= overlap < tile:
@@ -737,33 +770,93 @@ def command_sample(args: argparse.Namespace) -> int:
     largest = max(sizes, key=lambda size: size[0] * size[1])
     check_memory(sampling_memory(sizes, spec.channels, tile, overlap, args.batch), device,
                  f"--input {args.input}: restoring {len(files)} images (the largest {largest[0]}x{largest[1]} after upsampling)")
-    with output_folder(args.out, overwrite=args.overwrite) as out:
-        out.check_new(destinations)  # before any work: a refused run changes nothing
+    with _ProcessGroup(world, device) as group, contextlib.ExitStack() as stack:
+        # rank 0 locks the folder and checks every destination before any work; the others
+        # learn its verdict, so a refused run changes nothing and every process stops with it
+        refusal = None
+        if rank == 0:
+            try:
+                out = stack.enter_context(output_folder(args.out, overwrite=args.overwrite))
+                out.check_new(destinations)
+            except CLIError as err:
+                refusal = err
+        message = group.broadcast(None if refusal is None else str(refusal))
+        if message is not None:
+            raise refusal if refusal is not None else CLIError(message)
         conditions = []
         for path in files:
             image = load_image(path, spec.channels)
             if upsampling > 1:
                 image = upsample_condition(image, upsampling, spec.task_options.get("upsample", "nearest"))
             conditions.append(image.to(device))
-        generator = torch.Generator().manual_seed(args.seed)
-        print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
-              f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}, tiles {tile}px overlap {overlap}", file=sys.stderr)
+        if rank == 0:
+            print(f"msdiff sample: {len(files)} images from {args.input} with {sampler.label}, NFE {sampler.nfe}, "
+                  f"{spec.estimator} model for {spec.task} (step {trained.step}) on {device}{f' x {world} processes' if world > 1 else ''}, "
+                  f"tiles {tile}px overlap {overlap}", file=sys.stderr)
         started = time.perf_counter()
         written = 0
         for sample_index, folder in enumerate(folders):
-            restored = restore_images(trained.network, trained.estimator, conditions, sampler, generator, tile, overlap, args.batch,
-                                      progress=not args.no_progress, description=f"sample {sample_index + 1}/{args.num_samples}")
+            restored = restore_images(network, trained.estimator, conditions, sampler, stream_seed(args.seed, sample_index), tile, overlap,
+                                      args.batch, progress=not args.no_progress and rank == 0,
+                                      description=f"sample {sample_index + 1}/{args.num_samples}", rank=rank, world_size=world)
             for name, image in zip(names, restored):
-                destination = out.target(folder + name)
-                out.check_new([folder + name])
+                if image is None:  # another process's
+                    continue
+                destination = Path(args.out) / (folder + name)
+                if rank == 0:
+                    out.check_new([folder + name])
                 try:
                     write_image(destination, image.cpu())
                 except OSError as err:
                     raise CLIError(f"cannot write {destination}: {err.strerror or _one_line(err)}") from None
                 written += 1
+        written = group.total(written)  # and every process has finished writing before rank 0 unlocks
     seconds = time.perf_counter() - started
-    print(f"wrote {written} images to {args.out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
+    if rank == 0:
+        print(f"wrote {written} images to {args.out} in {seconds:.1f} s ({sampler.nfe} network evaluations per tile)")
     return 0
+
+
+class _ProcessGroup:
+    """The processes of a torchrun launch as one group for the duration of a command (a
+    gloo/nccl group is created if none exists, and destroyed after); one process: no-ops."""
+
+    def __init__(self, world: int, device: torch.device):
+        self.world, self.device, self.created = world, device, False
+
+    def __enter__(self) -> "_ProcessGroup":
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.created = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        if self.created:
+            dist.destroy_process_group()
+
+    def broadcast(self, value):
+        """Rank 0's ``value``, on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, count: int) -> int:
+        """The sum of ``count`` over the processes (a barrier too)."""
+        if self.world == 1:
+            return count
+        import torch.distributed as dist
+
+        tensor = torch.tensor([count], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)
+        return int(tensor.item())
 
 
 def image_size(path: Path) -> Tuple[int, int]:
@@ -1164,7 +1257,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-schedule", dest="lr_schedule", choices=("constant", "cosine"), help="after the warm-up: constant, or a cosine decay to 0 at --steps (default constant)")
     train.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clip (default 1)")
     train.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay (default 0.999, warmed up)")
-    train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default none; fp16 needs a GPU)")
+    train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default none; fp16 needs a GPU; bf16 "
+                       "autocast trains the demo's models 1.6x faster on this CPU family at the same quality)")
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the network (the first step compiles for minutes on a CPU; default off)")
+    train.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                       help="train in channels-last memory format (default off; dropout masks then differ from a standard-layout run)")
+    train.add_argument("--optimizer-impl", dest="optimizer_impl", choices=("auto", "fused", "foreach", "for"),
+                       help="Adam's implementation (default auto: fused on CPU and CUDA)")
     train.add_argument("--seed", type=int, help="seed of data and training (default 0)")
     train.add_argument("--log-every", dest="log_every", type=int, default=50, help="steps between metrics.jsonl lines")
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1000, help="steps between checkpoints (0: only at the end)")
@@ -1208,6 +1308,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", dest="num_samples", type=int, default=1, help="samples per image; > 1 writes OUT/sample_K/")
     sample.add_argument("--raw-weights", dest="raw_weights", action="store_true", help="use the raw weights instead of the EMA ones")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sample.add_argument("--multistep", choices=("heun", "midpoint"), default="heun",
+                        help="mr-*: form of the second-order steps: heun (the MR Sampler code's) or midpoint (DPM-Solver++(2M)'s)")
+    sample.add_argument("--loop", choices=("eager", "static", "graph"), default="static",
+                        help="mr-*: static precomputes every coefficient and checks for divergence once at the end (same output as eager); "
+                             "graph also captures the loop as one CUDA graph (CUDA only); eager checks every step")
+    sample.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (where the CPU/GPU has bfloat16 arithmetic)")
+    sample.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (the first call compiles for minutes on a CPU; later runs reuse the on-disk cache)")
+    sample.add_argument("--no-channels-last", dest="no_channels_last", action="store_true",
+                        help="keep the network in the standard memory format (channels-last is faster and gives the same output)")
     sample.add_argument("--overwrite", action="store_true", help="replace restored images that already exist in --out (default: refuse before any work)")
     _add_common(sample)
     sample.set_defaults(handler=command_sample)
@@ -1397,3 +1507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(err)} (set MSDIFF_TRACEBACK=1 for details)", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":  # python -m msdiff_fast.cli, e.g. under torchrun
+    sys.exit(main())

@@ -277,11 +277,10 @@ def _restore(trained: Dict, pairs: Dict, sampler: SamplerSpec, copies: int, seed
     """``copies`` samples of every condition: name -> [copies, C, H, W], and the seconds taken."""
     names = list(pairs)
     conditions = [pairs[name]["condition"].to(device) for _ in range(copies) for name in names]
-    generator = torch.Generator().manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    restored = restore_images(trained["network"], trained["estimator"], conditions, sampler, generator, settings.image_size,
+    restored = restore_images(trained["network"], trained["estimator"], conditions, sampler, seed, settings.image_size,
                               settings.image_size // 4, batch=64)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

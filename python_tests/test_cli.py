@@ -139,6 +139,7 @@ def test_whole_image_sampling_through_tiles_has_no_seams():
     equals the same sampler on the whole image; sampling each tile on its own (restore_tiled)
     does not: independent noise in neighbouring tiles."""
     from msdiff_fast.cli import SamplerSpec, restore_batch, restore_images
+    from msdiff_fast.training.trainer import stream_seed
 
     spec = ModelSpec("denoise", {"noise_sigma": 25.0}, "mr", {"lam_inf": 50 / 255, "target": "residual"}, "tiny", 16, 3)
     estimator = spec.build_estimator()
@@ -149,8 +150,8 @@ def test_whole_image_sampling_through_tiles_has_no_seams():
 
     condition = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(2))
     sampler = SamplerSpec("mr-sde", 5)
-    (tiled,) = restore_images(pixelwise, estimator, [condition], sampler, torch.Generator().manual_seed(3), tile=16, overlap=4, batch=8)
-    whole = restore_batch(pixelwise, estimator, condition[None], sampler, torch.Generator().manual_seed(3))[0]
+    (tiled,) = restore_images(pixelwise, estimator, [condition], sampler, 3, tile=16, overlap=4, batch=8)
+    whole = restore_batch(pixelwise, estimator, condition[None], sampler, torch.Generator().manual_seed(stream_seed(3, 0)))[0]
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
     (separate,) = restore_tiled(lambda batch: restore_batch(pixelwise, estimator, batch, sampler, torch.Generator().manual_seed(3)),
                                 [condition], 16, 4, 64)
@@ -165,7 +166,7 @@ def test_restore_images_keeps_order_and_sizes():
     sizes = [(16, 16), (20, 33), (16, 16), (9, 12), (20, 33)]
     conditions = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(sizes)]
     zero_residual = lambda network_input, t: torch.zeros_like(network_input[:, :3])  # noqa: E731 - restores to mu exactly
-    restored = restore_images(zero_residual, estimator, conditions, SamplerSpec("mr-ode", 3), torch.Generator().manual_seed(0), 16, 4, 5)
+    restored = restore_images(zero_residual, estimator, conditions, SamplerSpec("mr-ode", 3), 0, 16, 4, 5)
     for condition, image in zip(conditions, restored):
         assert image.shape == condition.shape
         torch.testing.assert_close(image, condition, rtol=0, atol=2e-3)  # the noise left at t_end
@@ -354,6 +355,28 @@ def test_sample_restores_images_of_any_size_and_evaluate_scores_them(quick_demo,
     assert report["images"] == 2 and math.isfinite(values["psnr"]) and math.isfinite(values["consistency"])
     assert values["lpips"] is None and values["fid_inception"] is None and values["fid_small"] >= 0
     assert "PSNR (dB)" in (restored / "metrics.md").read_text()
+
+
+def test_sample_under_torchrun_restores_each_image_once_as_one_process_does(quick_demo, tmp_path):
+    """Two gloo processes share the batches out: every file is written once, by one of them, and
+    the files are those of a single-process run with the same seed, byte for byte."""
+    images = _low_resolution_folder(tmp_path / "in", [(8, 8), (12, 10), (8, 8), (8, 8), (12, 10)])
+    arguments = ["sample", "--checkpoint", quick_demo / "runs" / "sr_mr", "--input", images, "--nfe", "3", "--batch", "2",
+                 "--num-samples", "2", "--no-progress", "--seed", "4"]
+    single = run_msdiff(*arguments, "--out", tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "msdiff_fast.cli",
+                              *map(str, arguments), "--out", str(tmp_path / "sharded")], env=env, capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+    assert "wrote 10 images" in sharded.stdout
+    written = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*.png"))
+    assert len(written) == 10 and written == sorted(p.relative_to(tmp_path / "sharded") for p in (tmp_path / "sharded").rglob("*.png"))
+    for name in written:
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
+    assert not [p for p in (tmp_path / "sharded").rglob("*") if p.name.startswith(".")]  # no lock or temp file left
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
