@@ -53,6 +53,7 @@ VARIANTS = [
     Variant("sr_mr", "no EMA", "samples from the raw weights instead of their moving average", ema=False),
     Variant("sr_mr", "cosine lr", "learning rate decayed to 0 along a cosine", lr_schedule="cosine"),
     Variant("sr_mr", "wider", "U-Net width 48 instead of 32", width=48),
+    Variant("sr_mr", "less noise", "stationary noise lam_inf 10/255 instead of 50/255 (about the size of the residual)", {"lam_inf": 10 / 255}),
     Variant("denoise", "recipe", "the demo's recipe"),
     Variant("denoise", "data target", "the network predicts the clean image", {"target": "data"}),
     Variant("sr_cmde", "recipe", "the demo's recipe"),
@@ -110,13 +111,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="training steps (default: the demo's)")
     parser.add_argument("--only", nargs="+", help="demo models to run (default: all)")
+    parser.add_argument("--variants", nargs="+", help="variant names to run (default: all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "demo_recipe.md"))
     args = parser.parse_args()
     settings = DemoSettings.full()
     if args.steps:
         settings = settings.replace(train_steps=args.steps)
-    variants = [v for v in VARIANTS if not args.only or v.model in args.only]
+    variants = [v for v in VARIANTS if (not args.only or v.model in args.only) and (not args.variants or v.name in args.variants)]
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(run_variant, variants, [settings] * len(variants)))

@@ -122,7 +122,11 @@ class DemoModel:
 def demo_models(settings: DemoSettings) -> List[DemoModel]:
     """The three models, in the order the worker processes take them (the longest first)."""
     size, scale = settings.image_size, settings.sr_scale
-    fast = tuple(SamplerSpec(name, nfe, order=2 if nfe > 1 else 1) for nfe in settings.nfe for name in ("mr-sde", "mr-ode") if nfe > 1 or name == "mr-ode")
+    samples = tuple(SamplerSpec(name, nfe) for nfe in settings.nfe if nfe > 1 for name in ("mr-sde", "mr-ode"))
+    # NFE 1, one first-order step from t = T, returns the network's clean-image estimate there: the
+    # posterior mean for a mean-reverting model, whose condition mu is clean. A multi-speed model
+    # sees y diffused to sigma_y_max at t = T, so its one-step estimate is not that mean.
+    with_mean = ((SamplerSpec("mr-ode", 1, order=1),) if 1 in settings.nfe else ()) + samples
     # residual: the network predicts the clean image minus mu, so the untrained model restores to
     # mu and training learns the correction (a noise-predicting network needs days here, see the README)
     denoise = ModelSpec("denoise", {"noise_sigma": settings.noise_sigma}, "mr", {"lam_inf": 50.0 / 255.0, "target": "residual"}, "tiny", size, 3)
@@ -133,11 +137,11 @@ def demo_models(settings: DemoSettings) -> List[DemoModel]:
     sr_cmde = ModelSpec("sr", {"scale": scale, "upsample": "nearest"}, "cmde", {"sigma_y_max": 0.5, "sigma_data": 0.5}, "tiny", size, 3)
     return [
         DemoModel("sr_cmde", f"super-resolution x{scale}, CMDE (the paper's estimator: VE SDE, sigma_y_max 0.5, EDM preconditioning)",
-                  sr_cmde, fast, SamplerSpec("pc", settings.pc_nfe), "bicubic upsampling of the low-resolution input"),
+                  sr_cmde, samples, SamplerSpec("pc", settings.pc_nfe), "bicubic upsampling of the low-resolution input"),
         DemoModel("denoise", f"denoising, Gaussian noise sigma {settings.noise_sigma:g}/255, mean-reverting SDE (residual prediction)",
-                  denoise, fast, SamplerSpec("posterior", settings.posterior_nfe), "the noisy input"),
+                  denoise, with_mean, SamplerSpec("posterior", settings.posterior_nfe), "the noisy input"),
         DemoModel("sr_mr", f"super-resolution x{scale}, mean-reverting SDE from the bicubic upsampling (residual prediction)",
-                  sr_mr, fast, SamplerSpec("posterior", settings.posterior_nfe), "bicubic upsampling of the low-resolution input"),
+                  sr_mr, with_mean, SamplerSpec("posterior", settings.posterior_nfe), "bicubic upsampling of the low-resolution input"),
     ]
 
 
@@ -384,6 +388,9 @@ def _samples_figure(path: Path, models: List[DemoModel], results: Dict, settings
         for axis, (panel, title) in zip(axis_row, PANELS):
             axis.set_axis_off()
             if panel not in example:
+                if panel == "mean":
+                    axis.text(0.5, 0.5, "no one-step posterior mean:\nthe condition is diffused too", ha="center", va="center", fontsize=7,
+                              transform=axis.transAxes)
                 continue
             axis.imshow(_picture(example[panel]), interpolation="nearest")
             if panel == "fast":
@@ -479,9 +486,9 @@ def _report(path: Path, settings: DemoSettings, models: List[DemoModel], trained
         lines.append(f"- **{model.key}**: {model.title}; {info['parameters'] / 1e6:.2f}M parameters; trained in {info['seconds']:.0f} s,"
                      f" last logged loss {format_number(info['loss'], 4)}; evaluated on {images}.")
     lines += [f"- Fast samplers: MR Sampler `mr-sde` (reverse SDE, order 2) and `mr-ode` (probability-flow ODE, order 2), data"
-              f" prediction, uniform log-SNR steps, at NFE {', '.join(str(n) for n in settings.nfe if n > 1)}; NFE 1 is one first-order"
-              f" step from t = T: the network's clean-image estimate, i.e. the posterior mean. {settings.samples_per_input} samples"
-              " per input (for diversity).",
+              f" prediction, uniform log-SNR steps, at NFE {', '.join(str(n) for n in settings.nfe if n > 1)}; for the mean-reverting"
+              " models also NFE 1, one first-order step from t = T: the network's clean-image estimate, i.e. the posterior mean."
+              f" {settings.samples_per_input} samples per input (for diversity).",
               "- Reference samplers: predictor-corrector (`pc`, reverse diffusion + Langevin, snr 0.15) for the VE model, posterior"
               " sampling for the mean-reverting ones; one sample per input."]
     for model in models:
@@ -532,8 +539,8 @@ def _verdict(model: DemoModel, rows: List[Dict], settings: DemoSettings) -> List
              f" best fast sample: {best_sample['label']} at NFE {best_sample['nfe']}: {best_sample['psnr']:.2f} dB vs the reference's"
              f" {reference['psnr']:.2f} dB at NFE {reference['nfe']}, {best_sample['speedup_vs_reference']:.1f}x faster per image."]
     if best["psnr"] <= base["psnr"]:
-        lines.append(f"\n**Below its input baseline** after {settings.train_steps} steps: see the README for how far this model must be"
-                     " trained (`benchmarks/results/demo_longer_runs.md`).")
+        lines.append(f"\n**Below its input baseline** after {settings.train_steps} steps: `benchmarks/results/longer_run_{model.key}.md`"
+                     f" shows how far this model must be trained (`python benchmarks/longer_run.py --model {model.key}`).")
     return lines
 
 
