@@ -100,7 +100,12 @@ def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     operator = consistency_operator(spec.task, spec.task_options)
     row = {"model": variant.model, "variant": variant.name, "change": variant.change, "seconds_per_step": trainer.seconds / settings.train_steps,
            "input": _metrics({name: pair["baseline"][None] for name, pair in pairs.items()}, pairs, operator)["psnr"]}
-    for label, sampler in (("mean", SamplerSpec("mr-ode", 1, order=1)), ("sample", SamplerSpec("mr-sde", 10))):
+    # one step from t = T is the posterior mean only where the condition is clean (mean-reverting models)
+    samplers = {"mean": SamplerSpec("mr-ode", 1, order=1), "sample": SamplerSpec("mr-sde", 10)}
+    for label, sampler in samplers.items():
+        if label == "mean" and spec.estimator != "mr":
+            row[label] = None
+            continue
         samples, _ = _restore(trained, pairs, sampler, 1, settings.seed + 100, settings, torch.device("cpu"))
         row[label] = _metrics(samples, pairs, operator)["psnr"]
     print(f"{variant.model} / {variant.name}: {row}", file=sys.stderr, flush=True)
@@ -122,18 +127,36 @@ def main() -> None:
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(run_variant, variants, [settings] * len(variants)))
-    minutes = (time.perf_counter() - started) / 60
+    command = " ".join(["python", *sys.argv])
+    run = {"command": command, "machine": cpu_model(), "torch": torch.__version__, "workers": args.workers,
+           "minutes": (time.perf_counter() - started) / 60, "variants": [row["variant"] for row in rows]}
+    # a run with --only / --variants replaces its rows and keeps the others', with every run's command
+    store_path = Path(args.out).with_suffix(".json")
+    store = json.loads(store_path.read_text()) if store_path.exists() else {"runs": [], "rows": []}
+    settings_json = json.loads(json.dumps(dataclasses.asdict(settings)))
+    if store.get("settings", settings_json) != settings_json:
+        raise SystemExit(f"{store_path} holds rows measured with other settings; pass another --out")
+    measured = {(row["model"], row["variant"]) for row in rows}
+    kept = [row for row in store["rows"] if (row["model"], row["variant"]) not in measured]
+    order = {(v.model, v.name): i for i, v in enumerate(VARIANTS)}
+    rows = sorted(kept + rows, key=lambda row: order.get((row["model"], row["variant"]), len(order)))
+    store = {"settings": settings_json, "runs": store["runs"] + [run], "rows": rows}
     recipe = {row["model"]: row for row in rows if row["variant"] == "recipe"}
+
+    def versus(row, key):
+        return None if row[key] is None or row["model"] not in recipe else row[key] - recipe[row["model"]][key]
+
     table = [[r["model"], r["variant"], r["change"], r["seconds_per_step"], r["input"], r["mean"], r["sample"],
-              r["mean"] - recipe[r["model"]]["mean"] if r["model"] in recipe else None,
-              r["sample"] - recipe[r["model"]]["sample"] if r["model"] in recipe else None] for r in rows]
-    text = (f"# What the demo's training recipe buys\n\n`{' '.join(['python', *sys.argv])}`: {cpu_model()}, one thread per variant, "
-            f"{args.workers} variants at a time, {settings.train_steps} steps of batch {settings.batch_size} at {settings.image_size}px, "
-            f"torch {torch.__version__}; {minutes:.0f} min. PSNR (dB) on the demo's held-out photographs restored whole: the posterior mean "
-            "(MR Sampler NFE 1) and one sample (MR Sampler SDE-2, NFE 10), against the input baseline (bicubic / the noisy image).\n\n"
+              versus(r, "mean"), versus(r, "sample")] for r in rows]
+    runs = "; ".join(f"`{r['command']}` ({r['minutes']:.0f} min, {r['workers']} at a time)" for r in store["runs"])
+    text = (f"# What the demo's training recipe buys\n\n{cpu_model()}, one thread per variant, {settings.train_steps} steps of batch "
+            f"{settings.batch_size} at {settings.image_size}px, torch {torch.__version__}. Runs: {runs}. PSNR (dB) on the demo's held-out "
+            "photographs restored whole: the posterior mean (MR Sampler NFE 1; mean-reverting models only: a multi-speed model's "
+            "condition is diffused at t = T) and one sample (MR Sampler SDE-2, NFE 10), against the input baseline (bicubic / the "
+            "noisy image). s / step is measured with the other variants (and any other work) running beside it: compare it within one run.\n\n"
             + markdown_table(["model", "variant", "what changes", "s / step", "input", "posterior mean", "sample", "mean vs recipe", "sample vs recipe"], table))
     Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"settings": dataclasses.asdict(settings), "rows": rows}, indent=2) + "\n")
+    store_path.write_text(json.dumps(store, indent=2) + "\n")
     print(text)
 
 
