@@ -57,7 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_model  # noqa: E402
+from machine import device_name, synchronize  # noqa: E402
 from msdiff_fast.ops import compiled, mr_step, noise_inject, weighted_score_loss  # noqa: E402
 from msdiff_fast.ops.dispatch import reason_unavailable  # noqa: E402
 
@@ -148,11 +148,6 @@ def loss_case(shape, dtype, device, backward: bool, backends):
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # Calls per timed sample on CUDA: launched back to back between two events, so the sample is the
@@ -259,11 +254,9 @@ def measure(cases, device, repeats, warmup):
 # ----------------------------------------------------------------------------- reporting
 
 
-def device_name(device) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+def describe_device(device) -> str:
     kernels = f", msdiff_fast._C kernels: {compiled._C.instruction_set()} on {compiled._C.thread_pool()} threads" if compiled._C is not None else ""
-    return f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}{kernels})"
+    return device_name(device, extra=kernels)
 
 
 # glibc: serve every allocation below 1 GiB from the heap, never trim it, grow it 256 MiB at a time.
@@ -274,7 +267,7 @@ def write_results(rows, args, device, copy_bytes_per_s):
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     context = dict(
-        device=device_name(device), torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
+        device=describe_device(device), torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
         shape="x".join(map(str, args.shape)), dtype=args.dtype,
         load_average=" ".join(f"{v:.2f}" for v in os.getloadavg()), command=" ".join(sys.argv),
     )

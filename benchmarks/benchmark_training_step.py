@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
 
-from machine import cpu_model  # noqa: E402
+from machine import device_name  # noqa: E402
 from msdiff_fast.estimators import CMDE  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
-from msdiff_fast.training.trainer import TrainConfig, make_adam  # noqa: E402
+from msdiff_fast.training.config import TrainConfig, make_adam  # noqa: E402
 from test_estimators import plain_conditional_loss  # noqa: E402
 
 PAPER = "celeba_sr_x8_160"
@@ -185,13 +185,6 @@ def run_one(config: dict) -> dict:
         "peak_mib": peak,
         "final_loss": float(loss.detach()),
     }
-
-
-def device_name(device: str, threads: int) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    threads = threads or torch.get_num_threads()
-    return f"{cpu_model()} ({os.cpu_count()} cores, {threads} torch threads)"
 
 
 def write_results(rows, device: str, threads: int, command: str, load_at_start: float) -> None:

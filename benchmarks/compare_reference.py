@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msdiff_fast import MRSampler, euler_maruyama, posterior_sample, probability_flow_euler  # noqa: E402
 from msdiff_fast.compat import DropInMRSampler  # noqa: E402
 from msdiff_fast.ops import philox_normal  # noqa: E402
-from msdiff_fast.samplers.mr_sampler import seed_from  # noqa: E402
+from msdiff_fast.samplers.loop import seed_from  # noqa: E402
 from msdiff_fast.sde import MRSDE  # noqa: E402
 from msdiff_fast.testing import FiniteData  # noqa: E402
 

@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from msdiff_fast.cli import ModelSpec, SamplerSpec, consistency_operator, cpu_model, markdown_table
-from msdiff_fast.demo import DemoSettings, _metrics, _restore, demo_models, test_pairs, training_data
+from msdiff_fast.reports import cpu_model, markdown_table
+from msdiff_fast.restoration import SamplerSpec
+from msdiff_fast.training.tasks import consistency_operator
+from msdiff_fast.demo import DemoSettings, demo_models
+from msdiff_fast.demo.experiment import average_metrics, restore_pairs, test_pairs, training_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +80,8 @@ def thumbnail_data(model, settings: DemoSettings):
 
 def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     from msdiff_fast.models import unet_preset
-    from msdiff_fast.training.trainer import TrainConfig, Trainer
+    from msdiff_fast.training.config import TrainConfig
+    from msdiff_fast.training.trainer import Trainer
 
     torch.set_num_threads(1)
     model = {m.key: m for m in demo_models(settings)}[variant.model]
@@ -99,10 +103,10 @@ def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     pairs = test_pairs(model, settings)
     operator = consistency_operator(spec.task, spec.task_options)
     row = {"model": variant.model, "variant": variant.name, "change": variant.change, "seconds_per_step": trainer.seconds / settings.train_steps,
-           "input": _metrics({name: pair["baseline"][None] for name, pair in pairs.items()}, pairs, operator)["psnr"]}
+           "input": average_metrics({name: pair["baseline"][None] for name, pair in pairs.items()}, pairs, operator)["psnr"]}
     for label, sampler in (("mean", SamplerSpec("mr-ode", 1, order=1)), ("sample", SamplerSpec("mr-sde", 10))):
-        samples, _ = _restore(trained, pairs, sampler, 1, settings.seed + 100, settings, torch.device("cpu"))
-        row[label] = _metrics(samples, pairs, operator)["psnr"]
+        samples, _ = restore_pairs(trained, pairs, sampler, 1, settings.seed + 100, settings, torch.device("cpu"))
+        row[label] = average_metrics(samples, pairs, operator)["psnr"]
     print(f"{variant.model} / {variant.name}: {row}", file=sys.stderr, flush=True)
     return row
 

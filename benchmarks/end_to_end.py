@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_model  # noqa: E402
+from machine import DATA_MEAN, DATA_STD, cpu_model, per_dimension_w2, synchronize  # noqa: E402
 from msdiff_fast import MRSampler, pc_sample, posterior_sample  # noqa: E402
 from msdiff_fast.models import FastNetwork, bf16_unsupported, unet_preset  # noqa: E402
 from msdiff_fast.samplers import conditioned_model  # noqa: E402
@@ -62,13 +62,7 @@ from msdiff_fast.sde import MRSDE, VESDE, MultiSpeedSDE  # noqa: E402
 from msdiff_fast.testing import GaussianData  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA_MEAN, DATA_STD = 0.4, 0.2
 SECTIONS = ("samplers", "fast", "official")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class NetworkClock:
@@ -130,11 +124,6 @@ def cmde_network(net, channels: int):
         return net(torch.cat([x_t, y_t], dim=1), t)[:, :channels]
 
     return model
-
-
-def gaussian_w2(samples: torch.Tensor) -> float:
-    flat = samples.reshape(samples.shape[0], -1).double()
-    return float(torch.sqrt((flat.mean(0) - DATA_MEAN) ** 2 + (flat.std(0) - DATA_STD) ** 2).mean())
 
 
 class Row:
@@ -233,7 +222,7 @@ def time_rows(args, rows, device):
 
 def analytic_errors(rows):
     for row in tqdm(rows, desc="analytic model", leave=False):
-        row.results["error"] = gaussian_w2(row.analytic())
+        row.results["error"] = per_dimension_w2(row.analytic())
 
 
 def fast_variants(args, device: torch.device):

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
-from msdiff_fast.cli import SamplerSpec, consistency_operator, cpu_model, load_trained, markdown_table
-from msdiff_fast.demo import DemoSettings, _metrics, _restore, demo_models, test_pairs
+from msdiff_fast.reports import cpu_model, markdown_table
+from msdiff_fast.restoration import SamplerSpec, load_trained
+from msdiff_fast.training.tasks import consistency_operator
+from msdiff_fast.demo import DemoSettings, demo_models
+from msdiff_fast.demo.experiment import average_metrics, restore_pairs, test_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,12 +56,12 @@ def score(checkpoint: Path, model, settings: DemoSettings, average: int) -> dict
     trained = {"network": trained_model.network, "estimator": trained_model.estimator}
     pairs = test_pairs(model, settings)
     operator = consistency_operator(model.spec.task, model.spec.task_options)
-    row = {"step": trained_model.step, "input": _metrics({n: p["baseline"][None] for n, p in pairs.items()}, pairs, operator)["psnr"]}
-    samples, _ = _restore(trained, pairs, SamplerSpec("mr-sde", 20), average, settings.seed + 100, settings, torch.device("cpu"))
-    row["sample"] = _metrics({n: s[:1] for n, s in samples.items()}, pairs, operator)["psnr"]
-    row[f"mean of {average} samples"] = _metrics({n: s.mean(0, keepdim=True) for n, s in samples.items()}, pairs, operator)["psnr"]
-    means, _ = _restore(trained, pairs, SamplerSpec("mr-ode", 1, order=1), 1, settings.seed + 100, settings, torch.device("cpu"))
-    row["NFE 1"] = _metrics(means, pairs, operator)["psnr"]
+    row = {"step": trained_model.step, "input": average_metrics({n: p["baseline"][None] for n, p in pairs.items()}, pairs, operator)["psnr"]}
+    samples, _ = restore_pairs(trained, pairs, SamplerSpec("mr-sde", 20), average, settings.seed + 100, settings, torch.device("cpu"))
+    row["sample"] = average_metrics({n: s[:1] for n, s in samples.items()}, pairs, operator)["psnr"]
+    row[f"mean of {average} samples"] = average_metrics({n: s.mean(0, keepdim=True) for n, s in samples.items()}, pairs, operator)["psnr"]
+    means, _ = restore_pairs(trained, pairs, SamplerSpec("mr-ode", 1, order=1), 1, settings.seed + 100, settings, torch.device("cpu"))
+    row["NFE 1"] = average_metrics(means, pairs, operator)["psnr"]
     return row
 
 

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import msdiff_fast as mf  # noqa: E402
-from msdiff_fast.cli import cpu_model  # noqa: E402
+from msdiff_fast.reports import cpu_model  # noqa: E402
 from msdiff_fast.estimators import vs_sigma_y_max  # noqa: E402
 from msdiff_fast.samplers import MRSampler, UnstableSolverWarning, conditioned_model, get_timesteps  # noqa: E402
 from msdiff_fast.sde import MRSDE, MultiSpeedSDE, VESDE  # noqa: E402

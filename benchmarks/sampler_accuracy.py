@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msdiff_fast import MRSampler, euler_maruyama, posterior_sample, probability_flow_euler  # noqa: E402
 from msdiff_fast.samplers import UnstableSolverWarning  # noqa: E402
 from msdiff_fast.sde import MRSDE  # noqa: E402
+from machine import DATA_MEAN, DATA_STD, per_dimension_w2  # noqa: E402
 from msdiff_fast.testing import FiniteData, GaussianData, reference_ode_solution  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 F64 = torch.float64
-DATA_MEAN, DATA_STD = 0.4, 0.2
 
 
 def problems():
@@ -82,12 +82,6 @@ STOCHASTIC = {
     "posterior sampling": baseline(posterior_sample),
     "Euler-Maruyama": baseline(euler_maruyama),
 }
-
-
-def gaussian_w2(samples: torch.Tensor) -> float:
-    flat = samples.reshape(samples.shape[0], -1).double()
-    mean, std = flat.mean(0), flat.std(0)
-    return float(torch.sqrt((mean - DATA_MEAN) ** 2 + (std - DATA_STD) ** 2).mean())
 
 
 def run_or_diverge(function, *args) -> torch.Tensor:
@@ -135,13 +129,13 @@ def measure(args):
         gaussian = GaussianData(DATA_MEAN, DATA_STD)
         g = torch.Generator().manual_seed(1)
         mu_many = torch.rand(1, 8, generator=g, dtype=F64).expand(args.samples, 8).contiguous()
-        floor = sum(gaussian_w2(gaussian.sample((args.samples, 8), torch.Generator().manual_seed(100 + k))) for k in range(5)) / 5
+        floor = sum(per_dimension_w2(gaussian.sample((args.samples, 8), torch.Generator().manual_seed(100 + k))) for k in range(5)) / 5
         stochastic = {}
         for label, function in tqdm(STOCHASTIC.items(), desc=f"stochastic, {name[:10]}", leave=False):
             errors = []
             for k, nfe in enumerate(args.nfe):
                 x = run_or_diverge(function, gaussian.denoiser(sde, "noise"), sde, mu_many, nfe, None, torch.Generator().manual_seed(10 + k))
-                errors.append(None if x is None else gaussian_w2(x))
+                errors.append(None if x is None else per_dimension_w2(x))
             stochastic[label] = errors
         results[name] = {"deterministic": deterministic, "stochastic": stochastic, "floor": floor, "reference_time": reference_time}
     return results

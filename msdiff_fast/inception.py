@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .training.checkpoint import load_data
+from .training.checkpoint import file_in, load_data
 
 PathLike = Union[str, "os.PathLike[str]"]
 FEATURES = 2048
@@ -234,9 +234,7 @@ def load_inception(path: PathLike, device: Optional[Union[str, torch.device]] = 
     weights_only=True, e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or a .safetensors
     file; a directory is searched for the pytorch-fid file name. Raises FileNotFoundError, or
     ValueError naming the missing, unexpected or misshapen keys; the file never runs code."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, PYTORCH_FID_FILE)
+    path = file_in(path, PYTORCH_FID_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found: {path!r}; expected a state dict of the FID Inception-v3 "
                                 f"(pytorch-fid's {PYTORCH_FID_FILE}); it is never downloaded")

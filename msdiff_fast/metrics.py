@@ -11,11 +11,13 @@ import math
 import os
 import re
 import warnings
-from typing import Callable, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .training.checkpoint import file_in, load_data
 
 PathLike = Union[str, "os.PathLike[str]"]
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -125,6 +127,30 @@ def diversity(samples, *, data_range=1.0, unbiased=False) -> torch.Tensor:
                          f"got {samples.shape[0]}")
     s = samples.to(torch.float64) * (255.0 / data_range)
     return s.std(dim=0, correction=int(unbiased)).flatten(1).mean(dim=1)
+
+
+def image_metrics(samples: torch.Tensor, reference: torch.Tensor, operator: Optional[Callable] = None,
+                  feature_net: Optional[Callable] = None, lpips_net: Optional[Callable] = None,
+                  inception: Optional[Callable] = None) -> Dict[str, Optional[float]]:
+    """Metrics of restored ``samples`` [S, B, C, H, W] (S samples of each of B inputs) against
+    ``reference`` [B, C, H, W]: PSNR / SSIM / consistency / LPIPS averaged over every sample,
+    diversity (mean per-pixel std over the S samples, 0-255; None when S = 1), FID of all samples
+    vs the references with the SmallFeatureNet (``feature_net``; a demo statistic, not comparable
+    with published FID) and with Inception (``inception``). Missing metrics are None."""
+    count = samples.shape[0]
+    flat = samples.reshape(-1, *samples.shape[2:]).float()
+    repeated = reference.float().repeat(count, 1, 1, 1)
+    enough_for_fid = reference.shape[0] >= 2
+    return {
+        "psnr": float(psnr(flat, repeated).mean()),
+        "ssim": float(ssim(flat, repeated).mean()) if min(reference.shape[-2:]) >= 11 else None,
+        "consistency": float(consistency(flat, repeated, operator).clamp(max=100).mean()) if operator is not None else None,
+        "diversity": float(diversity(samples.float()).mean()) if count > 1 else None,
+        "fid_small": fid(reference.float(), flat, feature_net) if feature_net is not None and enough_for_fid else None,
+        "fid_inception": fid(reference.float(), flat, inception) if inception is not None and enough_for_fid else None,
+        "lpips": float(torch.cat([lpips_net(flat[i:i + 16], repeated[i:i + 16]) for i in range(0, flat.shape[0], 16)]).mean())
+        if lpips_net is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------- Fréchet distance
@@ -245,9 +271,7 @@ def load_inception_torchscript(path: PathLike, device=None, *, trust_code: bool 
     if trust_code is not True:
         raise ValueError("trust_code: loading a TorchScript file runs code from it; pass trust_code=True only for a file you "
                          "trust, or load a state dict with msdiff_fast.inception.load_inception (data only)")
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, INCEPTION_FILE)
+    path = file_in(path, INCEPTION_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception TorchScript file not found: {path!r}. Expected NVIDIA's "
@@ -295,8 +319,6 @@ _ALEX_CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 
 
 
 def _load_state(path: str, what: str) -> dict:
-    from .training.checkpoint import load_data
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LPIPS weights not found: {path!r} (expected {what}). "
                                 f"Nothing is downloaded; obtain the file separately.")

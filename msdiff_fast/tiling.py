@@ -17,21 +17,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import check_int
+
 __all__ = ["TileLayout", "TiledNetwork", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of tiles of size ``tile`` covering [0, length) with at least ``overlap`` shared
     pixels between neighbours; the last tile is moved back to end exactly at ``length``."""
-    _check_int(tile, "tile", 1)
-    _check_int(length, "length", tile)
-    _check_int(overlap, "overlap", 0)
+    check_int(tile, "tile", 1)
+    check_int(length, "length", tile)
+    check_int(overlap, "overlap", 0)
     if overlap >= tile:
         raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
     stride = tile - overlap
@@ -73,8 +69,8 @@ class TileLayout:
 
     @classmethod
     def for_image(cls, height: int, width: int, tile: int, overlap: int) -> "TileLayout":
-        _check_int(height, "height", 1)
-        _check_int(width, "width", 1)
+        check_int(height, "height", 1)
+        check_int(width, "width", 1)
         padded_height, padded_width = max(height, tile), max(width, tile)
         rows = tile_starts(padded_height, tile, overlap)
         cols = tile_starts(padded_width, tile, overlap)
@@ -154,7 +150,7 @@ def restore_tiled(
     """
     if not callable(restore):
         raise TypeError(f"restore: expected a callable batch -> batch, got {type(restore).__name__}")
-    _check_int(batch_size, "batch_size", 1)
+    check_int(batch_size, "batch_size", 1)
     split = [split_tiles(image, tile, overlap) for image in images]
     if not split:
         return []
@@ -193,11 +189,11 @@ class TiledNetwork(torch.nn.Module):
         super().__init__()
         if not callable(network):
             raise TypeError(f"network: expected a callable network(x, t), got {type(network).__name__}")
-        _check_int(tile, "tile", 1)
-        _check_int(overlap, "overlap", 0)
+        check_int(tile, "tile", 1)
+        check_int(overlap, "overlap", 0)
         if overlap >= tile:
             raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
-        self.network, self.tile, self.overlap, self.max_batch = network, tile, overlap, _check_int(max_batch, "max_batch", 1)
+        self.network, self.tile, self.overlap, self.max_batch = network, tile, overlap, check_int(max_batch, "max_batch", 1)
         self._weights: dict = {}
 
     def _layout_and_weights(self, height: int, width: int, device, dtype) -> Tuple[TileLayout, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from msdiff_fast import MRSampler, pc_sample
-from msdiff_fast import estimators as estimators_module
+from msdiff_fast.estimators import base as estimators_module
 from msdiff_fast.estimators import CDE, CMDE, ESTIMATORS, VSCMDE, CDiffE, MeanReverting, make_estimator, vs_sigma_y_max
 from msdiff_fast.models import unet_preset
 from msdiff_fast.ops import philox_normal

@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from msdiff_fast.cli import CLIError, ModelSpec, SamplerSpec, restore_batch, training_images
+from msdiff_fast.cli import CLIError
+from msdiff_fast.restoration import ModelSpec, SamplerSpec, restore_batch
+from msdiff_fast.training.sources import training_images
 from msdiff_fast.metrics import psnr
 from msdiff_fast.training import ConditionalPairs, ImageFolder, PairedFolders, SuperResolution, TrainConfig, Trainer
 from msdiff_fast.training.data import ImagePatches

@@ -6,7 +6,7 @@ requested backend (argument or MSDIFF_FAST_BACKEND) that cannot run raises with 
 """
 
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 

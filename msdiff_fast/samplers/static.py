@@ -29,7 +29,7 @@ import torch
 from ..ops import mr_step
 from ..ops.reference import compute_dtype
 from .combination import check_coefficients
-from .mr_sampler import MRSampler, Model, call_model, divergence_limit, limit_data, time_tensor
+from .loop import Model, call_model, divergence_limit, limit_data, time_tensor
 
 
 class Slot:
@@ -76,7 +76,12 @@ class LoopPlan:
     result: Slot
 
 
-def plan_loop(sampler: MRSampler, has_mu: bool) -> LoopPlan:
+# What plan_loop reads of an MRSampler (this module sits below mr_sampler.py, which runs its
+# static loops through StaticMRSampler, so it knows the sampler by these names, not by its class).
+PLANNED_INTERFACE = ("timesteps", "lams", "raw_prediction", "prediction_from_data", "data_of", "update_of")
+
+
+def plan_loop(sampler, has_mu: bool) -> LoopPlan:
     """The steps of ``sampler``'s loop on placeholders, mirroring ``MRSampler.run_eager`` (mu is
     None for VE/VP SDEs: Combinations then leave its terms out)."""
     x, mu = Slot("x_0"), Slot("mu") if has_mu else None
@@ -132,8 +137,8 @@ class StaticMRSampler:
     reads tensors other than its arguments reads the ones it read during capture).
     """
 
-    def __init__(self, sampler: MRSampler, graph: bool = False):
-        if not isinstance(sampler, MRSampler):
+    def __init__(self, sampler, graph: bool = False):
+        if not all(hasattr(sampler, name) for name in PLANNED_INTERFACE):
             raise TypeError(f"sampler: expected an MRSampler, got {type(sampler).__name__}")
         if not isinstance(graph, bool):
             raise TypeError(f"graph: expected a bool, got {graph!r}")

@@ -12,12 +12,13 @@ from typing import Optional, Sequence
 import torch
 
 from ..samplers.parameterization import check_kind, convert
+from ..checks import per_sample
 from ..sde import LinearSDE, as_time
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.to(device=like.device, dtype=torch.float64)
-    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values
+    return per_sample(values, like.ndim) if values.ndim == 1 else values
 
 
 class ExactModel(abc.ABC):

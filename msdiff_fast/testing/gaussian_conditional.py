@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..sde import LinearSDE, MultiSpeedSDE, as_time
+from ..sde import LinearSDE, MultiSpeedSDE, as_time, check_sde
 
 F64 = torch.float64
 CONDITIONINGS = ("clean", "fresh", "consistent")
@@ -272,8 +272,7 @@ def _field_options(options: dict) -> dict:
 
 
 def _check_sde(sde, name: str) -> None:
-    if not isinstance(sde, LinearSDE):
-        raise TypeError(f"{name}: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+    check_sde(sde, name)
     if sde.mean_reverting:
         raise ValueError(f"{name}: expected an SDE without mu (VE, VP, sub-VP), got {sde!r}")
 

@@ -4,7 +4,8 @@ from .data import (IMAGE_EXTENSIONS, ConditionalPairs, ImageFolder, PairedFolder
 from .degradations import (DEGRADATIONS, JPEG, Edges, GaussianBlur, GaussianNoise, Inpainting, LowLight,
                            MotionBlur, SuperResolution, make_degradation)
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .trainer import TrainConfig, Trainer, train
+from .config import TrainConfig
+from .trainer import Trainer, train
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ConditionalPairs", "ImageFolder", "PairedFolders", "SyntheticImages",

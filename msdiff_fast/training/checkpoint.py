@@ -258,6 +258,12 @@ def _verified_bytes(directory: Path, file: str) -> bytes:
     return data
 
 
+def file_in(path: PathLike, name_in_directory: str) -> str:
+    """``path`` as a str, or the file ``name_in_directory`` inside it when ``path`` is a directory."""
+    path = os.fspath(path)
+    return os.path.join(path, name_in_directory) if os.path.isdir(path) else path
+
+
 def load_data(source: Union[PathLike, io.BytesIO]) -> Any:
     """``torch.load(source, weights_only=True)`` on the CPU: tensors and plain containers only,
     never code (pickled globals and TorchScript archives raise). Quiet about TorchScript: torch

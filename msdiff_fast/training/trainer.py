@@ -19,254 +19,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
 import warnings
-from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..distributed import distributed_env
+from .batches import DROPOUT_STREAM, LOSS_STREAM, PositionedItems, StepBatches, check_item, collate, stream_seed
 from .checkpoint import (PathLike, atomic_write, check_compatible, check_description, check_same_description,
                          latest_checkpoint, prune_checkpoints, read_optimizer_state, read_state, read_weights, resolve_checkpoint,
                          save_checkpoint)
-
-AMP_MODES = ("none", "bf16", "fp16")
-LR_SCHEDULES = ("constant", "cosine")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for")
-# Stream tags keep the data, loss-noise, dropout and item streams unrelated for the same (seed, k).
-_DATA_STREAM, _LOSS_STREAM, _DROPOUT_STREAM, _ITEM_STREAM = 1, 2, 3, 4
-# Config fields that only steer bookkeeping: changing them on resume is expected, not worth a warning.
-_BOOKKEEPING = ("steps", "log_every", "preview_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                "device", "num_workers", "progress", "compile", "channels_last", "optimizer_impl")
-
-
-def stream_seed(seed: int, stream: int, *counters: int) -> int:
-    """A well-mixed 63-bit seed for (seed, stream, counters...): neighbours give unrelated streams."""
-    words = np.random.SeedSequence([seed, stream, *counters]).generate_state(1, np.uint64)
-    return int(words[0] >> np.uint64(1))
-
-
-# ---------------------------------------------------------------------------- config
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"TrainConfig.{name}: expected an integer >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"TrainConfig.{name}: expected a finite number in {interval}, got {value!r}")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings (defaults: the paper's Adam 2e-4, warm-up 2500, clip 1, EMA 0.999).
-
-    batch_size is the GLOBAL batch: under DDP each of the world processes takes batch_size / world.
-    warmup: the learning rate of step k (0-based) is lr * min(1, (k + 1) / warmup); 0 disables it.
-    lr_schedule: after the warm-up, "constant" keeps lr; "cosine" decays it to 0 at ``steps``
-    along half a cosine (so a resumed run that raises ``steps`` changes the schedule from there).
-    grad_clip: max global grad norm, None disables clipping.
-    ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) for the n-th update (score_sde's EMA), so
-    short runs are not dominated by the initial weights; False uses ema_decay from the start.
-    amp: "none" (fp32), "bf16" (autocast; CPU or GPU), "fp16" (autocast + GradScaler; GPU only).
-    Throughput switches (the same training up to float rounding, except that dropout draws other
-    masks from the same per-step seed; a resumed run still repeats the uninterrupted one bit for
-    bit): compile: torch.compile the network's forward and backward (the first step compiles,
-    minutes on a CPU for the paper U-Net; dropout masks come from Inductor's generator);
-    channels_last: the network's weights, and so its activations, in channels-last memory format
-    (dropout masks are drawn in memory order);
-    optimizer_impl: Adam's implementation: "fused" (fused kernels, CPU and CUDA), "foreach"
-    (multi-tensor kernels, CUDA; a per-tensor fallback on a CPU), "for" (one tensor at a time) or
-    "auto" (fused on CPU and CUDA, torch's choice elsewhere).
-    log_every / preview_every / checkpoint_every count optimizer steps; 0 turns previews or
-    periodic checkpoints off (a checkpoint is always written at the end).
-    keep_checkpoints: how many newest checkpoints to keep (0 keeps all).
-    device: "auto" (cuda when available, then cuda:LOCAL_RANK under DDP), "cpu", "cuda", "cuda:N".
-    """
-
-    steps: int
-    batch_size: int
-    lr: float = 2e-4
-    betas: Tuple[float, float] = (0.9, 0.999)
-    warmup: int = 2500
-    lr_schedule: str = "constant"
-    grad_clip: Optional[float] = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    amp: str = "none"
-    compile: bool = False
-    channels_last: bool = False
-    optimizer_impl: str = "auto"
-    seed: int = 0
-    log_every: int = 100
-    preview_every: int = 0
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    out_dir: str = "runs/train"
-    device: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        _check_int("steps", self.steps, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_real("lr", self.lr, 0.0, math.inf, True, True)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
-        for beta in self.betas:
-            _check_real("betas", beta, 0.0, 1.0, False, True)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        _check_int("warmup", self.warmup, 0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TrainConfig.lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.grad_clip is not None:
-            _check_real("grad_clip", self.grad_clip, 0.0, math.inf, True, True)
-        _check_real("ema_decay", self.ema_decay, 0.0, 1.0, False, True)
-        if not isinstance(self.ema_warmup, bool):
-            raise ValueError(f"TrainConfig.ema_warmup: expected a bool, got {self.ema_warmup!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp: expected one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("compile", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            raise ValueError(f"TrainConfig.optimizer_impl: expected one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}")
-        _check_int("seed", self.seed, 0)
-        _check_int("log_every", self.log_every, 1)
-        _check_int("preview_every", self.preview_every, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 0)
-        _check_int("keep_checkpoints", self.keep_checkpoints, 0)
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
-            raise ValueError(f"TrainConfig.out_dir: expected a non-empty path, got {self.out_dir!r}")
-        self.out_dir = str(self.out_dir)  # plain types only: the config is stored in checkpoints
-        if not isinstance(self.device, str):
-            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        try:
-            torch.device("cpu" if self.device == "auto" else self.device)
-        except RuntimeError as err:
-            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
-                             f"got {self.device!r}") from err
-        if self.amp == "fp16" and self.device == "cpu":
-            raise ValueError("TrainConfig.amp: 'fp16' needs a GPU (GradScaler); on the CPU use 'bf16' or 'none'")
-        _check_int("num_workers", self.num_workers, 0)
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"TrainConfig.progress: expected a bool, got {self.progress!r}")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps,
-        then constant or a cosine decay to 0 at ``steps``."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.lr_schedule == "constant":
-            return self.lr
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    def ema_decay_at(self, step: int) -> float:
-        """EMA decay used after 0-based step ``step`` (its update number is step + 1)."""
-        updates = step + 1
-        return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
-
-
-def make_adam(parameters, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam with ``config``'s learning rate at step 0, betas and implementation on ``device``."""
-    impl = config.optimizer_impl
-    if impl == "auto":
-        # torch picks foreach on CUDA and for on a CPU; its fused kernels are faster on both
-        impl = "fused" if device.type in ("cpu", "cuda") else None
-    return torch.optim.Adam(parameters, lr=config.lr_at(0), betas=config.betas, eps=1e-8, fused=impl == "fused" or None,
-                            foreach={"foreach": True, "for": False}.get(impl))
-
-
-# ---------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=4)
-def _epoch_order(dataset_size: int, seed: int, epoch: int) -> Tuple[int, ...]:
-    generator = torch.Generator().manual_seed(stream_seed(seed, _DATA_STREAM, epoch))
-    return tuple(torch.randperm(dataset_size, generator=generator).tolist())
-
-
-def batch_positions(step: int, batch_size: int, dataset_size: int, seed: int,
-                    rank: int = 0, world_size: int = 1) -> List[Tuple[int, int]]:
-    """(index, epoch) of every item that ``rank`` uses at 0-based ``step`` (see module docstring)."""
-    for name, value, minimum in (("step", step, 0), ("batch_size", batch_size, 1), ("dataset_size", dataset_size, 1),
-                                 ("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-            raise ValueError(f"batch_positions: {name} must be an integer >= {minimum}, got {value!r}")
-    if rank >= world_size or batch_size % world_size:
-        raise ValueError(f"batch_positions: expected rank < world_size and batch_size a multiple of world_size, "
-                         f"got rank {rank}, world_size {world_size}, batch_size {batch_size}")
-    local = batch_size // world_size
-    start = step * batch_size + rank * local
-    return [(_epoch_order(dataset_size, seed, position // dataset_size)[position % dataset_size],
-             position // dataset_size) for position in range(start, start + local)]
-
-
-class _StepBatches(Sampler):
-    """Yields, for steps start..stop-1, this rank's list of (index, epoch) item positions."""
-
-    def __init__(self, start: int, stop: int, batch_size: int, dataset_size: int, seed: int,
-                 rank: int, world_size: int):
-        self.start, self.stop = start, stop
-        self.arguments = (batch_size, dataset_size, seed, rank, world_size)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield batch_positions(step, *self.arguments)
-
-
-class _PositionedItems(Dataset):
-    """Fetches dataset[index] for an (index, epoch) position, reproducibly in any worker."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, position: Tuple[int, int]):
-        index, epoch = position
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(self.seed, _ITEM_STREAM, index, epoch))
-            return self.dataset[index]
-
-
-def _check_item(item, index) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(
-            isinstance(part, torch.Tensor) and part.is_floating_point() for part in item):
-        found = type(item).__name__ if not isinstance(item, (tuple, list)) else \
-            f"{type(item).__name__} of {[type(p).__name__ for p in item]}"
-        raise TypeError(f"dataset[{index}]: expected a pair (x, y) of float tensors [C, H, W] "
-                        f"(e.g. ConditionalPairs items), got {found}")
-    return item[0], item[1]
-
-
-def _collate(items) -> Tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_check_item(item, i) for i, item in enumerate(items)]
-    try:
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    except RuntimeError as err:
-        shapes = sorted({(tuple(p[0].shape), tuple(p[1].shape)) for p in pairs})
-        raise ValueError(f"dataset: items of one batch must share their shapes, found (x, y) shapes {shapes}") from err
-
+from .config import BOOKKEEPING_FIELDS, TrainConfig, make_adam
 
 # ---------------------------------------------------------------------------- distributed
 def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
@@ -342,7 +113,7 @@ class Trainer:
             raise ValueError(f"TrainConfig.amp: 'fp16' needs a CUDA device, the trainer runs on {self.device}; "
                              f"use 'bf16' or 'none'")
         with torch.random.fork_rng(devices=[]):
-            _check_item(_PositionedItems(dataset, config.seed)[(0, 0)], 0)
+            check_item(PositionedItems(dataset, config.seed)[(0, 0)], 0)
 
         self._owns_process_group = False
         if self.world_size > 1 and not dist.is_initialized():
@@ -413,7 +184,7 @@ class Trainer:
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
             raise ValueError(f"checkpoint {where}: optimizer parameter groups do not match this model")
         changed = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
-                   if k not in _BOOKKEEPING and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)}
+                   if k not in BOOKKEEPING_FIELDS and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)}
         if changed and self.is_main:
             warnings.warn(f"resuming {where} with changed settings (checkpoint -> now): "
                           + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
@@ -467,10 +238,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        generator = torch.Generator().manual_seed(stream_seed(config.seed, _LOSS_STREAM, step))
+        generator = torch.Generator().manual_seed(stream_seed(config.seed, LOSS_STREAM, step))
         on_cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if on_cuda else [], device_type="cuda"):
-            torch.manual_seed(stream_seed(config.seed, _DROPOUT_STREAM, step, self.rank))
+            torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, step, self.rank))
             with torch.autocast(self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16,
                                 enabled=config.amp != "none"):
                 loss = self.estimator.loss(self.network, x0, y0, generator=generator, step=step,
@@ -503,9 +274,9 @@ class Trainer:
 
     def _loader(self, start: int) -> DataLoader:
         config = self.config
-        sampler = _StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed,
+        sampler = StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed,
                                self.rank, self.world_size)
-        return DataLoader(_PositionedItems(self.dataset, config.seed), batch_sampler=sampler, collate_fn=_collate,
+        return DataLoader(PositionedItems(self.dataset, config.seed), batch_sampler=sampler, collate_fn=collate,
                           num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
 
