@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import device_name, synchronize  # noqa: E402
+
 from msdiff_fast.ops import compiled, mr_step, noise_inject, weighted_score_loss  # noqa: E402
 from msdiff_fast.ops.dispatch import reason_unavailable  # noqa: E402
 

@@ -49,10 +49,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
 
 from machine import device_name  # noqa: E402
+from test_estimators import plain_conditional_loss  # noqa: E402
+
 from msdiff_fast.estimators import CMDE  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
 from msdiff_fast.training.config import TrainConfig, make_adam  # noqa: E402
-from test_estimators import plain_conditional_loss  # noqa: E402
 
 PAPER = "celeba_sr_x8_160"
 # provider -> (loss, TrainConfig switches); None as optimizer_impl: torch's default Adam

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import DATA_MEAN, DATA_STD, cpu_model, per_dimension_w2, synchronize  # noqa: E402
+
 from msdiff_fast import MRSampler, pc_sample, posterior_sample  # noqa: E402
 from msdiff_fast.models import FastNetwork, bf16_unsupported, unet_preset  # noqa: E402
 from msdiff_fast.samplers import conditioned_model  # noqa: E402

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from msdiff_fast.demo import DemoSettings, demo_models
+from msdiff_fast.demo.experiment import average_metrics, restore_pairs, test_pairs
 from msdiff_fast.reports import cpu_model, markdown_table
 from msdiff_fast.restoration import SamplerSpec, load_trained
 from msdiff_fast.training.tasks import consistency_operator
-from msdiff_fast.demo import DemoSettings, demo_models
-from msdiff_fast.demo.experiment import average_metrics, restore_pairs, test_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,12 +39,19 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import msdiff_fast as mf  # noqa: E402
-from msdiff_fast.reports import cpu_model  # noqa: E402
 from msdiff_fast.estimators import vs_sigma_y_max  # noqa: E402
+from msdiff_fast.reports import cpu_model  # noqa: E402
 from msdiff_fast.samplers import MRSampler, UnstableSolverWarning, conditioned_model, get_timesteps  # noqa: E402
-from msdiff_fast.sde import MRSDE, MultiSpeedSDE, VESDE  # noqa: E402
-from msdiff_fast.testing import (FiniteData, GaussianData, GaussianInverseProblem, GaussianMixture, gaussian_kl, gaussian_w2,  # noqa: E402
-                                 reference_ode_solution)
+from msdiff_fast.sde import MRSDE, VESDE, MultiSpeedSDE  # noqa: E402
+from msdiff_fast.testing import (  # noqa: E402
+    FiniteData,
+    GaussianData,
+    GaussianInverseProblem,
+    GaussianMixture,
+    gaussian_kl,
+    gaussian_w2,
+    reference_ode_solution,
+)
 from msdiff_fast.training.checkpoint import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -40,10 +40,11 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import DATA_MEAN, DATA_STD, per_dimension_w2  # noqa: E402
+
 from msdiff_fast import MRSampler, euler_maruyama, posterior_sample, probability_flow_euler  # noqa: E402
 from msdiff_fast.samplers import UnstableSolverWarning  # noqa: E402
 from msdiff_fast.sde import MRSDE  # noqa: E402
-from machine import DATA_MEAN, DATA_STD, per_dimension_w2  # noqa: E402
 from msdiff_fast.testing import FiniteData, GaussianData, reference_ode_solution  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

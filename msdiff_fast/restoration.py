@@ -22,9 +22,9 @@ from .models import unet_preset
 from .samplers import MRSampler, euler_maruyama, get_timesteps, pc_sample, posterior_sample
 from .samplers.timesteps import MAX_STEPS
 from .tiling import TiledNetwork, TileLayout
+from .training.batches import stream_seed
 from .training.checkpoint import load_checkpoint, read_state, resolve_checkpoint
 from .training.tasks import TASKS
-from .training.batches import stream_seed
 
 DESCRIPTION_FORMAT = "msdiff_fast.cli/1"
 SAMPLERS = ("mr-sde", "mr-ode", "posterior", "pc", "euler")

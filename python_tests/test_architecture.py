@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "msdiff_fast"
 

@@ -11,7 +11,7 @@ import torch
 
 from msdiff_fast.cli import CLIError, main, parse_arguments
 from msdiff_fast.restoration import ModelSpec
-from msdiff_fast.tiling import TileLayout, TiledNetwork, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
+from msdiff_fast.tiling import TiledNetwork, TileLayout, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
 from msdiff_fast.training import SyntheticImages, write_image
 
 REPO = Path(__file__).resolve().parent.parent

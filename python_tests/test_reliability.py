@@ -583,7 +583,7 @@ def test_item12_train_checks_every_flag_before_creating_out(tmp_path, capsys):
 def test_item13_smaller_checks():
     from msdiff_fast.compat import to_k_diffusion
     from msdiff_fast.samplers import get_timesteps
-    from msdiff_fast.sde import MRSDE, SubVPSDE, VPSDE
+    from msdiff_fast.sde import MRSDE, VPSDE, SubVPSDE
 
     output = torch.zeros(2, 6)
     with pytest.raises(ValueError, match="split: expected an int"):

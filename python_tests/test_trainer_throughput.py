@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_trainer import StandInEstimator, _one_thread, assert_same_state, config, make_model, make_pairs  # noqa: F401
 
 from msdiff_fast.training.checkpoint import read_state
 from msdiff_fast.training.config import OPTIMIZER_IMPLS, TrainConfig, make_adam
 from msdiff_fast.training.trainer import Trainer
-from test_trainer import StandInEstimator, _one_thread, assert_same_state, config, make_model, make_pairs  # noqa: F401
 
 
 def trained(out_dir, dropout=0.0, **settings):

@@ -57,7 +57,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     bench.add_argument("--order", type=int, default=2, help="MR Sampler order")
     bench.add_argument(
         "--reference-nfe",
-        
+
         type=int,
         default=100,
         help="NFE of the reference sampler (its usual: pc 2000, posterior 100)",

@@ -54,13 +54,13 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--hole-fraction",
-        
+
         type=float,
         help=f"inpaint: hole area fraction (default {defaults['hole_fraction']})",
     )
     parser.add_argument(
         "--noise-sigma",
-        
+
         type=float,
         help=f"denoise: noise std on the 0-255 scale (default {defaults['noise_sigma']:g})",
     )

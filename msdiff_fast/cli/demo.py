@@ -41,20 +41,20 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--train-steps",
-        
+
         type=int,
         help="training steps per model (default: 800 photos, 1500 synthetic, 20 quick)",
     )
     demo.add_argument("--batch-size",  type=int, help="training batch (default: 16 full, 4 quick)")
     demo.add_argument(
         "--image-size",
-        
+
         type=int,
         help="training patch and tile size, a multiple of 4 (default: 32 photos, 16 synthetic and quick)",
     )
     demo.add_argument(
         "--test-images",
-        
+
         type=int,
         help="held-out images to restore (photos: at most 2; synthetic default 16)",
     )
@@ -66,7 +66,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--posterior-nfe",
-        
+
         type=int,
         help="NFE of posterior sampling (usual and full default: 100; quick 5)",
     )

@@ -39,7 +39,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     evaluate.add_argument("--channels", type=int, choices=(1, 3), default=3, help="read images as grey (1) or RGB (3)")
     evaluate.add_argument(
         "--lpips-weights",
-        
+
         help="directory with alexnet-owt-7be5be79.pth and LPIPS alex.pth (never downloaded)",
     )
     evaluate.add_argument(
@@ -50,13 +50,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--inception-torchscript",
-        
+
         metavar="FILE",
         help="NVIDIA's inception-2015-12-05.pt TorchScript file instead: runs code from FILE, only for files you trust",
     )
     evaluate.add_argument(
         "--small-fid",
-        
+
         action="store_true",
         help="also an FID with a small random network (only to compare runs here)",
     )

@@ -13,20 +13,21 @@ import torch
 from ..distributed import ProcessGroup, distributed_env
 from ..errors import UsageError, one_line
 from ..models import FastNetwork
-from ..restoration import (
-    SAMPLERS,
-    TIMESTEPS,
-    SamplerSpec,
-    check_memory,
-    load_trained,
-    restore_images,
-    sampling_memory,
-)
+from ..restoration import SAMPLERS, TIMESTEPS, SamplerSpec, check_memory, load_trained, restore_images, sampling_memory
 from ..training import write_image
-from ..training.tasks import TASKS, upsample_condition
 from ..training.batches import stream_seed
-from .common import add_command, add_common, check_apart, check_seed, device_from, list_images, load_image
-from .common import output_folder, relative_names
+from ..training.tasks import TASKS, upsample_condition
+from .common import (
+    add_command,
+    add_common,
+    check_apart,
+    check_seed,
+    device_from,
+    list_images,
+    load_image,
+    output_folder,
+    relative_names,
+)
 
 DESCRIPTION = """\
 Restores every image under --input with a checkpoint of `msdiff train` and writes PNGs with the
@@ -78,7 +79,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sample.add_argument("--task", choices=sorted(TASKS), help="check that the checkpoint was trained for this task")
     sample.add_argument(
         "--inputs-upsampled",
-        
+
         action="store_true",
         help="sr: the inputs are already at the output size",
     )
@@ -86,7 +87,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sample.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter of the tile)")
     sample.add_argument(
         "--num-samples",
-        
+
         type=int,
         default=1,
         help="samples per image; > 1 writes OUT/sample_K/",
@@ -120,7 +121,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--no-channels-last",
-        
+
         action="store_true",
         help="keep the network in the standard memory format (channels-last is faster and gives the same output)",
     )

@@ -20,9 +20,9 @@ from ..restoration import (
 )
 from ..training import ConditionalPairs, save_grid
 from ..training.checkpoint import latest_checkpoint, read_optimizer_state, read_state, read_weights
+from ..training.config import TrainConfig
 from ..training.sources import describe_data, training_images
 from ..training.tasks import TASK_OPTION_DEFAULTS, TASKS, task_options
-from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from .common import add_command, add_common, add_task_options, check_seed, command_line, device_from, output_folder
 
@@ -71,7 +71,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data-resize",
-        
+
         action="store_true",
         help="folder: resize each image so its shorter side is --image-size before cropping (for data meant to be seen "
         "whole, e.g. aligned faces); restoration models want the default native-resolution patches",
@@ -79,7 +79,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     train.add_argument("--downscale", type=int, default=4, help="photos: average DxD pixel blocks first (the demo's scale)")
     train.add_argument(
         "--synthetic-count",
-        
+
         type=int,
         default=4096,
         help="number of synthetic images when --data is not given",
@@ -92,7 +92,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
     train.add_argument(
         "--lr-schedule",
-        
+
         choices=("constant", "cosine"),
         help="after the warm-up: constant, or a cosine decay to 0 at --steps (default constant)",
     )
@@ -112,14 +112,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--channels-last",
-        
+
         action="store_true",
         default=None,
         help="train in channels-last memory format (default off; dropout masks then differ from a standard-layout run)",
     )
     train.add_argument(
         "--optimizer-impl",
-        
+
         choices=("auto", "fused", "foreach", "for"),
         help="Adam's implementation (default auto: fused on CPU and CUDA)",
     )
@@ -127,7 +127,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     train.add_argument("--log-every",  type=int, default=50, help="steps between metrics.jsonl lines")
     train.add_argument(
         "--checkpoint-every",
-        
+
         type=int,
         default=1000,
         help="steps between checkpoints (0: only at the end)",
@@ -137,7 +137,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--preview-every",
-        
+
         type=int,
         default=0,
         help="steps between preview grids in OUT/previews (0: none)",

@@ -16,7 +16,6 @@ from ..sde import MRSDE
 from ..training.data import save_grid
 from .calls import check_network_output
 
-
 FIT_TARGETS = {"noise": "noise", "reverse_traj": "noise", "data": "data", "patch": "data", "velocity": "velocity"}
 TIME_SCHEDULES = ("linspace", "leading", "trailing", "karras-n", "karras-t", "linear-lambda")
 

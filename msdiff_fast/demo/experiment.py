@@ -12,10 +12,10 @@ from ..metrics import image_metrics
 from ..restoration import SamplerSpec, restore_images
 from ..training import ConditionalPairs, SyntheticImages, make_degradation
 from ..training.checkpoint import latest_checkpoint
+from ..training.config import TrainConfig
 from ..training.data import ImagePatches
 from ..training.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS, load_photos
 from ..training.tasks import consistency_operator
-from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from .settings import DemoModel, DemoSettings, demo_models
 

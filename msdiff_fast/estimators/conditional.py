@@ -11,7 +11,7 @@ import torch
 from ..checks import check_positive
 from ..ops import noise_inject, weighted_score_loss
 from ..samplers import conditioned_model
-from ..sde import LinearSDE, MultiSpeedSDE, VESDE, check_sde
+from ..sde import VESDE, LinearSDE, MultiSpeedSDE, check_sde
 from .base import Estimator, Shape, check_images, check_output, check_shape, check_step
 
 SIGMA_MIN = 5e-3

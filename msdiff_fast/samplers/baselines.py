@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..sde import LinearSDE, MultiSpeedSDE, VESDE, check_sde, randn_like
+from ..sde import VESDE, LinearSDE, MultiSpeedSDE, check_sde, randn_like
 from .combination import Combination
 from .loop import call_model, check_generator, check_state, divergence_limit, initial_state, seed_from
 from .parameterization import KINDS, check_kind, prediction_coefficients

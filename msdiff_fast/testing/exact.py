@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..samplers.parameterization import check_kind, convert
 from ..checks import per_sample
+from ..samplers.parameterization import check_kind, convert
 from ..sde import LinearSDE, as_time
 
 

@@ -34,10 +34,22 @@ from tqdm import tqdm
 
 from ..distributed import distributed_env
 from .batches import DROPOUT_STREAM, LOSS_STREAM, PositionedItems, StepBatches, check_item, collate, stream_seed
-from .checkpoint import (PathLike, atomic_write, check_compatible, check_description, check_same_description,
-                         latest_checkpoint, prune_checkpoints, read_optimizer_state, read_state, read_weights, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (
+    PathLike,
+    atomic_write,
+    check_compatible,
+    check_description,
+    check_same_description,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_optimizer_state,
+    read_state,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import BOOKKEEPING_FIELDS, TrainConfig, make_adam
+
 
 # ---------------------------------------------------------------------------- distributed
 def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
