@@ -12,6 +12,7 @@ SDE-2 NFE 10), against the input baseline.
 
 Writes benchmarks/results/demo_recipe.md (and .json).
 """
+
 import argparse
 import dataclasses
 import json
@@ -51,12 +52,22 @@ VARIANTS = [
     Variant("sr_mr", "recipe", "the demo's recipe"),
     Variant("sr_mr", "data target", "the network predicts the clean image instead of its difference from mu", {"target": "data"}),
     Variant("sr_mr", "noise target", "the network predicts the noise (IR-SDE / DA-CLIP)", {"target": "noise"}),
-    Variant("sr_mr", "thumbnails", "training images are whole photographs resized to the patch size (the old --data path)", thumbnails=True),
+    Variant(
+        "sr_mr",
+        "thumbnails",
+        "training images are whole photographs resized to the patch size (the old --data path)",
+        thumbnails=True,
+    ),
     Variant("sr_mr", "float32", "float32 training instead of bfloat16 autocast", amp="none"),
     Variant("sr_mr", "no EMA", "samples from the raw weights instead of their moving average", ema=False),
     Variant("sr_mr", "cosine lr", "learning rate decayed to 0 along a cosine", lr_schedule="cosine"),
     Variant("sr_mr", "wider", "U-Net width 48 instead of 32", width=48),
-    Variant("sr_mr", "less noise", "stationary noise lam_inf 10/255 instead of 50/255 (about the size of the residual)", {"lam_inf": 10 / 255}),
+    Variant(
+        "sr_mr",
+        "less noise",
+        "stationary noise lam_inf 10/255 instead of 50/255 (about the size of the residual)",
+        {"lam_inf": 10 / 255},
+    ),
     Variant("denoise", "recipe", "the demo's recipe"),
     Variant("denoise", "data target", "the network predicts the clean image", {"target": "data"}),
     Variant("sr_cmde", "recipe", "the demo's recipe"),
@@ -74,8 +85,16 @@ def thumbnail_data(model, settings: DemoSettings):
     for photo in load_photos(TRAINING_PHOTOS, 3, settings.downscale).values():
         scale = settings.image_size / min(photo.shape[1:])
         size = (max(settings.image_size, round(photo.shape[1] * scale)), max(settings.image_size, round(photo.shape[2] * scale)))
-        thumbnails.append(F.interpolate(photo[None].float() / 255, size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1))
-    return ConditionalPairs(ImagePatches(thumbnails, settings.image_size, "random", patches_per_image=64), model.spec.degradation(), seed=settings.seed)
+        thumbnails.append(
+            F.interpolate(photo[None].float() / 255, size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(
+                0, 1
+            )
+        )
+    return ConditionalPairs(
+        ImagePatches(thumbnails, settings.image_size, "random", patches_per_image=64),
+        model.spec.degradation(),
+        seed=settings.seed,
+    )
 
 
 def run_variant(variant: Variant, settings: DemoSettings) -> dict:
@@ -94,16 +113,33 @@ def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     estimator = spec.build_estimator()
     data = thumbnail_data(model, settings) if variant.thumbnails else training_data(model, settings)
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(steps=settings.train_steps, batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
-                             lr_schedule=variant.lr_schedule, ema_decay=0.999, amp=variant.amp, seed=settings.seed,
-                             log_every=settings.train_steps, checkpoint_every=0, out_dir=out, device="cpu", progress=False)
+        config = TrainConfig(
+            steps=settings.train_steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            warmup=settings.warmup,
+            lr_schedule=variant.lr_schedule,
+            ema_decay=0.999,
+            amp=variant.amp,
+            seed=settings.seed,
+            log_every=settings.train_steps,
+            checkpoint_every=0,
+            out_dir=out,
+            device="cpu",
+            progress=False,
+        )
         trainer = Trainer(network, estimator, data, config)
         trainer.fit()
     trained = {"network": trainer.ema if variant.ema else trainer.model.eval(), "estimator": trainer.estimator}
     pairs = test_pairs(model, settings)
     operator = consistency_operator(spec.task, spec.task_options)
-    row = {"model": variant.model, "variant": variant.name, "change": variant.change, "seconds_per_step": trainer.seconds / settings.train_steps,
-           "input": average_metrics({name: pair["baseline"][None] for name, pair in pairs.items()}, pairs, operator)["psnr"]}
+    row = {
+        "model": variant.model,
+        "variant": variant.name,
+        "change": variant.change,
+        "seconds_per_step": trainer.seconds / settings.train_steps,
+        "input": average_metrics({name: pair["baseline"][None] for name, pair in pairs.items()}, pairs, operator)["psnr"],
+    }
     for label, sampler in (("mean", SamplerSpec("mr-ode", 1, order=1)), ("sample", SamplerSpec("mr-sde", 10))):
         samples, _ = restore_pairs(trained, pairs, sampler, 1, settings.seed + 100, settings, torch.device("cpu"))
         row[label] = average_metrics(samples, pairs, operator)["psnr"]
@@ -128,16 +164,44 @@ def main() -> None:
         rows = list(pool.map(run_variant, variants, [settings] * len(variants)))
     minutes = (time.perf_counter() - started) / 60
     recipe = {row["model"]: row for row in rows if row["variant"] == "recipe"}
-    table = [[r["model"], r["variant"], r["change"], r["seconds_per_step"], r["input"], r["mean"], r["sample"],
-              r["mean"] - recipe[r["model"]]["mean"] if r["model"] in recipe else None,
-              r["sample"] - recipe[r["model"]]["sample"] if r["model"] in recipe else None] for r in rows]
-    text = (f"# What the demo's training recipe buys\n\n`{' '.join(['python', *sys.argv])}`: {cpu_model()}, one thread per variant, "
-            f"{args.workers} variants at a time, {settings.train_steps} steps of batch {settings.batch_size} at {settings.image_size}px, "
-            f"torch {torch.__version__}; {minutes:.0f} min. PSNR (dB) on the demo's held-out photographs restored whole: the posterior mean "
-            "(MR Sampler NFE 1) and one sample (MR Sampler SDE-2, NFE 10), against the input baseline (bicubic / the noisy image).\n\n"
-            + markdown_table(["model", "variant", "what changes", "s / step", "input", "posterior mean", "sample", "mean vs recipe", "sample vs recipe"], table))
+    table = [
+        [
+            r["model"],
+            r["variant"],
+            r["change"],
+            r["seconds_per_step"],
+            r["input"],
+            r["mean"],
+            r["sample"],
+            r["mean"] - recipe[r["model"]]["mean"] if r["model"] in recipe else None,
+            r["sample"] - recipe[r["model"]]["sample"] if r["model"] in recipe else None,
+        ]
+        for r in rows
+    ]
+    text = (
+        f"# What the demo's training recipe buys\n\n`{' '.join(['python', *sys.argv])}`: {cpu_model()}, one thread per variant, "
+        f"{args.workers} variants at a time, {settings.train_steps} steps of batch {settings.batch_size} at {settings.image_size}px, "
+        f"torch {torch.__version__}; {minutes:.0f} min. PSNR (dB) on the demo's held-out photographs restored whole: the posterior mean "
+        "(MR Sampler NFE 1) and one sample (MR Sampler SDE-2, NFE 10), against the input baseline (bicubic / the noisy image).\n\n"
+        + markdown_table(
+            [
+                "model",
+                "variant",
+                "what changes",
+                "s / step",
+                "input",
+                "posterior mean",
+                "sample",
+                "mean vs recipe",
+                "sample vs recipe",
+            ],
+            table,
+        )
+    )
     Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"settings": dataclasses.asdict(settings), "rows": rows}, indent=2) + "\n")
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps({"settings": dataclasses.asdict(settings), "rows": rows}, indent=2) + "\n"
+    )
     print(text)
 
 

@@ -16,6 +16,7 @@ Item = TypeVar("Item")
 
 def distributed_env() -> Tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment (0, 0, 1 without it)."""
+
     def read(name: str, default: int) -> int:
         value = os.environ.get(name, str(default))
         if not value.isdigit():

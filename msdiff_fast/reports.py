@@ -85,6 +85,4 @@ def device_name(device: torch.device) -> str:
 
 def describe_machine(device: torch.device) -> str:
     """Device, operating system, Python and torch: the line a report names its machine with."""
-    return (
-        f"{device_name(device)}; {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}"
-    )
+    return f"{device_name(device)}; {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}"

@@ -72,7 +72,7 @@ ESTIMATOR_SETTINGS = (
 UNSTABLE_MR_TARGETS = {
     "noise": "near t = T the image is 0.5% of x_t - mu, so a noise-predicting network's image estimate divides its error by "
     "alpha_T = 0.005: after minutes to hours of training it restores photographs in wrong colours (measured: 6-13 dB "
-    "where bicubic scores 31). It is what IR-SDE / DA-CLIP checkpoints use; to train a new model prefer residual",
+    "where bicubic scores 31). It is what IR-SDE / DA-CLIP checkpoints use; to train a new model prefer residual"
 }
 
 
@@ -89,8 +89,7 @@ def estimator_options(estimator: str, task: str, given: Mapping, steps: int) -> 
     sigma_data = given.get("sigma_data")
     if sigma_data is not None and estimator == "mr":
         raise UsageError(
-            "--sigma-data: preconditions the VE estimators (cde, cdiffe, cmde, vscmde); for mr choose --mr-target data instead",
-            2,
+            "--sigma-data: preconditions the VE estimators (cde, cdiffe, cmde, vscmde); for mr choose --mr-target data instead", 2
         )
     preconditioning = {} if sigma_data is None else {"sigma_data": sigma_data}
     if estimator == "cmde":
@@ -247,9 +246,7 @@ class SamplerSpec:
             raise UsageError(f"--nfe: expected an integer >= 1, got {self.nfe!r}", 2)
         most = 2 * MAX_STEPS if self.name == "pc" else MAX_STEPS
         if self.nfe > most:
-            raise UsageError(
-                f"--nfe: expected at most {most} ({MAX_STEPS} steps, the samplers' maximum), got {self.nfe}", 2
-            )
+            raise UsageError(f"--nfe: expected at most {most} ({MAX_STEPS} steps, the samplers' maximum), got {self.nfe}", 2)
         if self.name == "pc" and (self.nfe < 2 or self.nfe % 2):
             raise UsageError(
                 f"--nfe: pc makes 2 network calls per step (corrector + predictor), so NFE must be even and >= 2, got {self.nfe}",

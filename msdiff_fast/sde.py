@@ -349,7 +349,14 @@ class MRSDE(_MeanRevertingSDE):
         return _bisect_decreasing(lambda t: -self.thetabar(t), -thetabar, 0.0, self.T)
 
     @staticmethod
-    def from_irsde(max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear") -> "DiscreteMRSDE":
+    def from_irsde(
+        max_sigma: float,
+        T: int = 100,
+        schedule: str = "cosine",
+        eps: float = 0.005,
+        convention: str = "irsde",
+        interpolation: str = "linear",
+    ) -> "DiscreteMRSDE":
         """The exact schedule of an IR-SDE / DA-CLIP checkpoint (time in grid units 0..T).
 
         max_sigma >= 1 is read on the 0-255 scale (50 means 50/255), as IR-SDE does. convention
@@ -499,7 +506,20 @@ class MultiSpeedSDE:
         return f"MultiSpeedSDE(x={self.x!r}, y={self.y!r})"
 
     def __getattr__(self, name):
-        if name in ("alpha", "sigma", "lam", "t_of_lam", "f", "g2", "diffusion", "drift", "prior", "prior_std", "t_end", "t_lambda_floor"):
+        if name in (
+            "alpha",
+            "sigma",
+            "lam",
+            "t_of_lam",
+            "f",
+            "g2",
+            "diffusion",
+            "drift",
+            "prior",
+            "prior_std",
+            "t_end",
+            "t_lambda_floor",
+        ):
             return getattr(self.x, name)
         raise AttributeError(name)
 

@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 
 from .checks import check_int
 
-__all__ = ["TileLayout", "TiledNetwork", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
+__all__ = [
+    "TileLayout",
+    "TiledNetwork",
+    "blend_weights",
+    "merge_tiles",
+    "restore_tiled",
+    "split_tiles",
+    "tile_starts",
+    "tile_window",
+]
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
@@ -50,7 +59,7 @@ def tile_window(size: int, overlap: int, ramp_start: bool, ramp_end: bool, dtype
         if ramp_start:
             window[:ramp_length] = ramp
         if ramp_end:
-            window[size - ramp_length:] = ramp.flip(0)
+            window[size - ramp_length :] = ramp.flip(0)
     return window
 
 
@@ -95,7 +104,7 @@ def blend_weights(layout: TileLayout, dtype: torch.dtype = torch.float64) -> tor
     outside the tile); they sum to one at every pixel of the padded image."""
     weights = torch.zeros(len(layout), layout.padded_height, layout.padded_width, dtype=dtype)
     for index, (top, left) in enumerate(layout.corners):
-        weights[index, top:top + layout.tile, left:left + layout.tile] = layout.window(top, left, dtype)
+        weights[index, top : top + layout.tile, left : left + layout.tile] = layout.window(top, left, dtype)
     return weights / weights.sum(dim=0, keepdim=True)
 
 
@@ -115,7 +124,7 @@ def split_tiles(image: torch.Tensor, tile: int, overlap: int) -> Tuple[torch.Ten
         raise ValueError(f"image: expected a float tensor [C, H, W], got {got}")
     layout = TileLayout.for_image(image.shape[1], image.shape[2], tile, overlap)
     padded = _pad(image, layout.padded_height, layout.padded_width)
-    tiles = torch.stack([padded[:, top:top + tile, left:left + tile] for top, left in layout.corners])
+    tiles = torch.stack([padded[:, top : top + tile, left : left + tile] for top, left in layout.corners])
     return tiles, layout
 
 
@@ -124,13 +133,15 @@ def merge_tiles(tiles: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     expected = (len(layout), layout.tile, layout.tile)
     if not isinstance(tiles, torch.Tensor) or tiles.ndim != 4 or (tiles.shape[0], *tiles.shape[2:]) != expected:
         got = tuple(tiles.shape) if isinstance(tiles, torch.Tensor) else type(tiles).__name__
-        raise ValueError(f"tiles: expected [{expected[0]}, C, {layout.tile}, {layout.tile}] (one per tile of the layout), got {got}")
+        raise ValueError(
+            f"tiles: expected [{expected[0]}, C, {layout.tile}, {layout.tile}] (one per tile of the layout), got {got}"
+        )
     total = torch.zeros(tiles.shape[1], layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
     weight_sum = torch.zeros(layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
     for tile, (top, left) in zip(tiles, layout.corners):
         window = layout.window(top, left).to(tiles.device)
-        total[:, top:top + layout.tile, left:left + layout.tile] += tile.to(torch.float64) * window
-        weight_sum[top:top + layout.tile, left:left + layout.tile] += window
+        total[:, top : top + layout.tile, left : left + layout.tile] += tile.to(torch.float64) * window
+        weight_sum[top : top + layout.tile, left : left + layout.tile] += window
     return (total / weight_sum)[:, : layout.height, : layout.width].to(tiles.dtype)
 
 
@@ -157,16 +168,23 @@ def restore_tiled(
     all_tiles = torch.cat([tiles for tiles, _ in split])
     restored = []
     for start in tqdm(range(0, all_tiles.shape[0], batch_size), disable=not progress, desc="tiles", unit="batch", leave=False):
-        batch = all_tiles[start:start + batch_size]
+        batch = all_tiles[start : start + batch_size]
         output = restore(batch)
-        if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
+        if (
+            not isinstance(output, torch.Tensor)
+            or output.ndim != 4
+            or output.shape[0] != batch.shape[0]
+            or output.shape[2:] != batch.shape[2:]
+        ):
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(f"restore: expected an output [{batch.shape[0]}, C, {tile}, {tile}] for a batch of {batch.shape[0]} tiles, got {got}")
+            raise ValueError(
+                f"restore: expected an output [{batch.shape[0]}, C, {tile}, {tile}] for a batch of {batch.shape[0]} tiles, got {got}"
+            )
         restored.append(output)
     restored_tiles = torch.cat(restored)
     results, start = [], 0
     for _, layout in split:
-        results.append(merge_tiles(restored_tiles[start:start + len(layout)], layout))
+        results.append(merge_tiles(restored_tiles[start : start + len(layout)], layout))
         start += len(layout)
     return results
 
@@ -201,7 +219,9 @@ class TiledNetwork(torch.nn.Module):
         if key not in self._weights:
             layout = TileLayout.for_image(height, width, self.tile, self.overlap)
             weights = blend_weights(layout)
-            tiles = torch.stack([weights[i, top:top + self.tile, left:left + self.tile] for i, (top, left) in enumerate(layout.corners)])
+            tiles = torch.stack(
+                [weights[i, top : top + self.tile, left : left + self.tile] for i, (top, left) in enumerate(layout.corners)]
+            )
             self._weights = {key: (layout, tiles.to(device, dtype))}  # one size at a time: a sampler's whole run
         return self._weights[key]
 
@@ -214,14 +234,18 @@ class TiledNetwork(torch.nn.Module):
             return self.network(x, t)
         layout, weights = self._layout_and_weights(height, width, x.device, x.dtype)
         padded = torch.stack([_pad(image, layout.padded_height, layout.padded_width) for image in x])
-        tiles = torch.stack([padded[:, :, top:top + self.tile, left:left + self.tile] for top, left in layout.corners], dim=1)
+        tiles = torch.stack([padded[:, :, top : top + self.tile, left : left + self.tile] for top, left in layout.corners], dim=1)
         tiles = tiles.reshape(batch * len(layout), x.shape[1], self.tile, self.tile)
         t = torch.as_tensor(t, device=x.device)
         times = (t.expand(batch) if t.ndim == 0 else t).repeat_interleave(len(layout))
-        outputs = torch.cat([self.network(tiles[i:i + self.max_batch], times[i:i + self.max_batch])
-                             for i in range(0, tiles.shape[0], self.max_batch)])
+        outputs = torch.cat(
+            [
+                self.network(tiles[i : i + self.max_batch], times[i : i + self.max_batch])
+                for i in range(0, tiles.shape[0], self.max_batch)
+            ]
+        )
         outputs = outputs.reshape(batch, len(layout), -1, self.tile, self.tile) * weights[None, :, None]
         merged = outputs.new_zeros(batch, outputs.shape[2], layout.padded_height, layout.padded_width)
         for index, (top, left) in enumerate(layout.corners):
-            merged[:, :, top:top + self.tile, left:left + self.tile] += outputs[:, index]
+            merged[:, :, top : top + self.tile, left : left + self.tile] += outputs[:, index]
         return merged[:, :, :height, :width]

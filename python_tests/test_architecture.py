@@ -17,7 +17,10 @@ LAYERS = (
     ("base", ("msdiff_fast.errors", "msdiff_fast.checks", "msdiff_fast.distributed")),
     ("kernels", ("msdiff_fast.ops", "msdiff_fast._C", "msdiff_fast._C_cuda")),
     ("processes", ("msdiff_fast.sde",)),
-    ("solvers and networks", ("msdiff_fast", "msdiff_fast.samplers", "msdiff_fast.models", "msdiff_fast.tiling", "msdiff_fast.testing")),
+    (
+        "solvers and networks",
+        ("msdiff_fast", "msdiff_fast.samplers", "msdiff_fast.models", "msdiff_fast.tiling", "msdiff_fast.testing"),
+    ),
     ("estimators", ("msdiff_fast.estimators",)),
     ("training and evaluation", ("msdiff_fast.training", "msdiff_fast.metrics", "msdiff_fast.inception", "msdiff_fast.compat")),
     ("application", ("msdiff_fast.restoration", "msdiff_fast.reports", "msdiff_fast.outputs")),
@@ -152,10 +155,12 @@ def test_bench_list_names_every_benchmark_script(capsys):
     assert len(scripts) >= 8
     assert main(["bench", "--list"]) == 0
     listed = set(capsys.readouterr().out.split())
-    assert listed == {name[len("benchmark_"):] if name.startswith("benchmark_") else name for name in scripts}
+    assert listed == {name[len("benchmark_") :] if name.startswith("benchmark_") else name for name in scripts}
 
 
 def test_the_tree_passes_the_linter_and_the_formatter():
     for check in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run([sys.executable, "-m", "ruff", *check, "--no-cache"], capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, f"ruff {' '.join(check)} (ruff comes with pip install -e .[test]):\n{result.stdout}{result.stderr}"
+        assert result.returncode == 0, (
+            f"ruff {' '.join(check)} (ruff comes with pip install -e .[test]):\n{result.stdout}{result.stderr}"
+        )

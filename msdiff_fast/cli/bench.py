@@ -43,39 +43,25 @@ def add_parser(commands) -> argparse.ArgumentParser:
     bench.add_argument(
         "--estimator", choices=ESTIMATOR_NAMES, help="without --checkpoint: estimator of the random model (default cmde)"
     )
+    bench.add_argument("--image-size", type=int, help="without --checkpoint: image size (default 32)")
     bench.add_argument(
-        "--image-size",  type=int, help="without --checkpoint: image size (default 32)"
-    )
-    bench.add_argument(
-        "--samplers",
-        nargs="+",
-        choices=("mr-sde", "mr-ode", "euler"),
-        default=["mr-sde", "mr-ode"],
-        help="fast samplers to time",
+        "--samplers", nargs="+", choices=("mr-sde", "mr-ode", "euler"), default=["mr-sde", "mr-ode"], help="fast samplers to time"
     )
     bench.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="NFEs of the fast samplers")
     bench.add_argument("--order", type=int, default=2, help="MR Sampler order")
     bench.add_argument(
-        "--reference-nfe",
-
-        type=int,
-        default=100,
-        help="NFE of the reference sampler (its usual: pc 2000, posterior 100)",
+        "--reference-nfe", type=int, default=100, help="NFE of the reference sampler (its usual: pc 2000, posterior 100)"
     )
     bench.add_argument("--batch", type=int, default=8, help="images per batch")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed")
     bench.add_argument("--out", help="also write bench.json and bench.md here")
     bench.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace bench.json and bench.md in --out if they exist (default: refuse)",
+        "--overwrite", action="store_true", help="replace bench.json and bench.md in --out if they exist (default: refuse)"
     )
     bench.add_argument("--script", help="run the benchmark script SCRIPT of benchmarks/ instead (see --list)")
     bench.add_argument("--list", action="store_true", help="list the benchmark scripts")
-    bench.add_argument(
-        "--benchmarks-dir",  help="folder of benchmark scripts (default: the checkout's benchmarks/)"
-    )
+    bench.add_argument("--benchmarks-dir", help="folder of benchmark scripts (default: the checkout's benchmarks/)")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for --script, after --")
     add_common(bench)
     return bench
@@ -88,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch, --repeats: expected integers >= 1, got {args.batch}, {args.repeats}", 2)
     check_seed(args.seed)
     if args.image_size is not None and (args.image_size < 4 or args.image_size % 4):
-        raise UsageError(
-            f"--image-size: expected a multiple of 4 (the U-Net halves the image twice), got {args.image_size}", 2
-        )
+        raise UsageError(f"--image-size: expected a multiple of 4 (the U-Net halves the image twice), got {args.image_size}", 2)
     device = device_from(args.device)
     if args.checkpoint:
         trained = load_trained(args.checkpoint, device)
@@ -193,7 +177,7 @@ def benchmark_scripts(folder: Path) -> Dict[str, Path]:
     scripts share have none) by name: the file name without ``benchmark_`` and ``.py``."""
     scripts = {}
     for path in sorted(folder.glob("*.py")) if folder.is_dir() else []:
-        if "__name__ == \"__main__\"" in path.read_text(errors="replace"):
+        if '__name__ == "__main__"' in path.read_text(errors="replace"):
             name = path.stem[len(SCRIPT_PREFIX) :] if path.stem.startswith(SCRIPT_PREFIX) else path.stem
             scripts[name] = path
     return scripts

@@ -52,17 +52,9 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
         help="sr: how the low-resolution condition is brought to the output size "
         "(default: bicubic for --estimator mr, whose diffusion starts from it; nearest for the others, as the CMDE paper)",
     )
+    parser.add_argument("--hole-fraction", type=float, help=f"inpaint: hole area fraction (default {defaults['hole_fraction']})")
     parser.add_argument(
-        "--hole-fraction",
-
-        type=float,
-        help=f"inpaint: hole area fraction (default {defaults['hole_fraction']})",
-    )
-    parser.add_argument(
-        "--noise-sigma",
-
-        type=float,
-        help=f"denoise: noise std on the 0-255 scale (default {defaults['noise_sigma']:g})",
+        "--noise-sigma", type=float, help=f"denoise: noise std on the 0-255 scale (default {defaults['noise_sigma']:g})"
     )
     parser.add_argument("--quality", type=int, help=f"jpeg: JPEG quality 1-100 (default {defaults['quality']})")
 

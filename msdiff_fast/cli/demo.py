@@ -31,7 +31,9 @@ OVERRIDES = ("train_steps", "batch_size", "test_images", "pc_nfe", "posterior_nf
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
-    demo = add_command(commands, "demo", "train, sample and evaluate three restoration models on a CPU; write a report", DESCRIPTION, EPILOG)
+    demo = add_command(
+        commands, "demo", "train, sample and evaluate three restoration models on a CPU; write a report", DESCRIPTION, EPILOG
+    )
     demo.add_argument("--out", required=True, help="output directory (created if needed)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for CI: finite numbers, not meaningful quality")
     demo.add_argument(
@@ -39,37 +41,19 @@ def add_parser(commands) -> argparse.ArgumentParser:
         default="photos",
         help="photos (scikit-image's photographs; pip install scikit-image) or synthetic (procedural images)",
     )
-    demo.add_argument(
-        "--train-steps",
-
-        type=int,
-        help="training steps per model (default: 800 photos, 1500 synthetic, 20 quick)",
-    )
-    demo.add_argument("--batch-size",  type=int, help="training batch (default: 16 full, 4 quick)")
+    demo.add_argument("--train-steps", type=int, help="training steps per model (default: 800 photos, 1500 synthetic, 20 quick)")
+    demo.add_argument("--batch-size", type=int, help="training batch (default: 16 full, 4 quick)")
     demo.add_argument(
         "--image-size",
-
         type=int,
         help="training patch and tile size, a multiple of 4 (default: 32 photos, 16 synthetic and quick)",
     )
-    demo.add_argument(
-        "--test-images",
-
-        type=int,
-        help="held-out images to restore (photos: at most 2; synthetic default 16)",
-    )
+    demo.add_argument("--test-images", type=int, help="held-out images to restore (photos: at most 2; synthetic default 16)")
     demo.add_argument(
         "--nfe", type=int, nargs="+", help="NFEs of the fast samplers (default: 1 5 10 20; 1 is the posterior mean)"
     )
-    demo.add_argument(
-        "--pc-nfe",  type=int, help="NFE of predictor-corrector (usual and full default: 2000; quick 10)"
-    )
-    demo.add_argument(
-        "--posterior-nfe",
-
-        type=int,
-        help="NFE of posterior sampling (usual and full default: 100; quick 5)",
-    )
+    demo.add_argument("--pc-nfe", type=int, help="NFE of predictor-corrector (usual and full default: 2000; quick 10)")
+    demo.add_argument("--posterior-nfe", type=int, help="NFE of posterior sampling (usual and full default: 100; quick 5)")
     demo.add_argument("--seed", type=int, help="seed of data, training and sampling (default 0)")
     add_common(demo)
     return demo

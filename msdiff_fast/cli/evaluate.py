@@ -37,11 +37,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=sorted(TASKS), help="task, for the consistency metric")
     add_task_options(evaluate)
     evaluate.add_argument("--channels", type=int, choices=(1, 3), default=3, help="read images as grey (1) or RGB (3)")
-    evaluate.add_argument(
-        "--lpips-weights",
-
-        help="directory with alexnet-owt-7be5be79.pth and LPIPS alex.pth (never downloaded)",
-    )
+    evaluate.add_argument("--lpips-weights", help="directory with alexnet-owt-7be5be79.pth and LPIPS alex.pth (never downloaded)")
     evaluate.add_argument(
         "--inception",
         metavar="FILE",
@@ -50,21 +46,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--inception-torchscript",
-
         metavar="FILE",
         help="NVIDIA's inception-2015-12-05.pt TorchScript file instead: runs code from FILE, only for files you trust",
     )
     evaluate.add_argument(
-        "--small-fid",
-
-        action="store_true",
-        help="also an FID with a small random network (only to compare runs here)",
+        "--small-fid", action="store_true", help="also an FID with a small random network (only to compare runs here)"
     )
     evaluate.add_argument("--out", help="folder for metrics.json and metrics.md (default: --restored)")
     evaluate.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace metrics.json and metrics.md if they exist (default: refuse)",
+        "--overwrite", action="store_true", help="replace metrics.json and metrics.md if they exist (default: refuse)"
     )
     add_common(evaluate, device=False)
     return evaluate
@@ -77,9 +67,7 @@ def run(args: argparse.Namespace) -> int:
     restored_root = Path(args.restored)
     if not restored_root.is_dir():
         raise UsageError(f"--restored {restored_root}: no such directory")
-    sample_dirs = sorted(p for p in restored_root.iterdir() if p.is_dir() and p.name.startswith("sample_")) or [
-        restored_root
-    ]
+    sample_dirs = sorted(p for p in restored_root.iterdir() if p.is_dir() and p.name.startswith("sample_")) or [restored_root]
     by_stem = _stems(reference_files, args.reference, "--reference")
     samples = []
     for folder in sample_dirs:

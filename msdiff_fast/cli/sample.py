@@ -65,10 +65,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sample.add_argument("--nfe", type=int, default=10, help="network evaluations per image (pc: 2 per step)")
     sample.add_argument("--order", type=int, default=2, help="mr-sde: 1-2, mr-ode: 1-3")
     sample.add_argument(
-        "--prediction",
-        choices=("data", "noise"),
-        default="data",
-        help="mr-*: solve for the data or the noise prediction",
+        "--prediction", choices=("data", "noise"), default="data", help="mr-*: solve for the data or the noise prediction"
     )
     sample.add_argument("--timesteps", choices=TIMESTEPS, default="uniform_lambda", help="mr-*: time grid")
     sample.add_argument(
@@ -77,24 +74,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="cdiffe/cmde/vscmde: how the condition is diffused at each call (default fresh; cde, mr: clean)",
     )
     sample.add_argument("--task", choices=sorted(TASKS), help="check that the checkpoint was trained for this task")
-    sample.add_argument(
-        "--inputs-upsampled",
-
-        action="store_true",
-        help="sr: the inputs are already at the output size",
-    )
+    sample.add_argument("--inputs-upsampled", action="store_true", help="sr: the inputs are already at the output size")
     sample.add_argument("--batch", type=int, default=16, help="tiles restored together")
     sample.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter of the tile)")
-    sample.add_argument(
-        "--num-samples",
-
-        type=int,
-        default=1,
-        help="samples per image; > 1 writes OUT/sample_K/",
-    )
-    sample.add_argument(
-        "--raw-weights",  action="store_true", help="use the raw weights instead of the EMA ones"
-    )
+    sample.add_argument("--num-samples", type=int, default=1, help="samples per image; > 1 writes OUT/sample_K/")
+    sample.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA ones")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
     sample.add_argument(
         "--multistep",
@@ -110,9 +94,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "graph also captures the loop as one CUDA graph (CUDA only); eager checks every step",
     )
     sample.add_argument(
-        "--bf16",
-        action="store_true",
-        help="run the network under bfloat16 autocast (where the CPU/GPU has bfloat16 arithmetic)",
+        "--bf16", action="store_true", help="run the network under bfloat16 autocast (where the CPU/GPU has bfloat16 arithmetic)"
     )
     sample.add_argument(
         "--compile",
@@ -121,7 +103,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--no-channels-last",
-
         action="store_true",
         help="keep the network in the standard memory format (channels-last is faster and gives the same output)",
     )
@@ -155,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
     )
     sampler.check(trained.estimator)
     try:
-        network = FastNetwork(
-            trained.network, channels_last=not args.no_channels_last, bf16=args.bf16, compile=args.compile
-        )
+        network = FastNetwork(trained.network, channels_last=not args.no_channels_last, bf16=args.bf16, compile=args.compile)
     except ValueError as err:
         raise UsageError(f"--bf16: {one_line(err)}", 2) from None
     tile = spec.image_size
@@ -165,9 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= overlap < tile:
         raise UsageError(f"--overlap: expected 0 <= overlap < tile size {tile}, got {overlap}", 2)
     if args.batch < 1 or args.num_samples < 1:
-        raise UsageError(
-            f"--batch, --num-samples: expected integers >= 1, got {args.batch}, {args.num_samples}", 2
-        )
+        raise UsageError(f"--batch, --num-samples: expected integers >= 1, got {args.batch}, {args.num_samples}", 2)
     files = list_images(args.input, "--input")
     check_apart(args.out, "--out", args.input, "--input")
     names = relative_names(files, args.input, "--input", suffix=".png")

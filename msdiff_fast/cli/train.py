@@ -43,25 +43,27 @@ examples:
 
 def add_parser(commands) -> argparse.ArgumentParser:
     tasks = "\n".join(f"  {task.name:<12} {task.summary}" for task in TASKS.values())
-    train = add_command(commands, "train", "train a conditional diffusion model", (
+    train = add_command(
+        commands,
+        "train",
+        "train a conditional diffusion model",
+        (
             "Trains a conditional score model (or a mean-reverting model) for one task and writes\n"
             "atomic checkpoints to OUT/checkpoints (EMA weights are what `msdiff sample` uses).\n"
             "Data: a folder of images (--data; random crops of --image-size) or, by default, synthetic\n"
             "images that need no download. The condition y is made on the fly by the task's degradation.\n\n"
             f"tasks:\n{tasks}\n\n{ESTIMATORS_HELP}"
-        ), EPILOG)
+        ),
+        EPILOG,
+    )
     train.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, previews/")
     train.add_argument("--task", choices=sorted(TASKS), help="inverse problem (default sr)")
     add_task_options(train)
     train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="conditional score estimator (default cmde)")
     for setting in ESTIMATOR_SETTINGS:
-        train.add_argument(
-            setting.flag, type=setting.type, choices=setting.choices, help=setting.help
-        )
-    train.add_argument(
-        "--preset", help="U-Net preset: tiny, edges2shoes_64, celeba_inpaint_128, celeba_sr_x8_160 (default tiny)"
-    )
-    train.add_argument("--image-size",  type=int, help="training image size (default: the preset's)")
+        train.add_argument(setting.flag, type=setting.type, choices=setting.choices, help=setting.help)
+    train.add_argument("--preset", help="U-Net preset: tiny, edges2shoes_64, celeba_inpaint_128, celeba_sr_x8_160 (default tiny)")
+    train.add_argument("--image-size", type=int, help="training image size (default: the preset's)")
     train.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB (default 3)")
     train.add_argument(
         "--data",
@@ -71,33 +73,23 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data-resize",
-
         action="store_true",
         help="folder: resize each image so its shorter side is --image-size before cropping (for data meant to be seen "
         "whole, e.g. aligned faces); restoration models want the default native-resolution patches",
     )
     train.add_argument("--downscale", type=int, default=4, help="photos: average DxD pixel blocks first (the demo's scale)")
-    train.add_argument(
-        "--synthetic-count",
-
-        type=int,
-        default=4096,
-        help="number of synthetic images when --data is not given",
-    )
-    train.add_argument(
-        "--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this)"
-    )
-    train.add_argument("--batch-size",  type=int, help="batch size (default 16)")
+    train.add_argument("--synthetic-count", type=int, default=4096, help="number of synthetic images when --data is not given")
+    train.add_argument("--steps", type=int, default=10000, help="total optimizer steps (a resumed run continues up to this)")
+    train.add_argument("--batch-size", type=int, help="batch size (default 16)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
     train.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
     train.add_argument(
         "--lr-schedule",
-
         choices=("constant", "cosine"),
         help="after the warm-up: constant, or a cosine decay to 0 at --steps (default constant)",
     )
-    train.add_argument("--grad-clip",  type=float, help="gradient-norm clip (default 1)")
-    train.add_argument("--ema-decay",  type=float, help="EMA decay (default 0.999, warmed up)")
+    train.add_argument("--grad-clip", type=float, help="gradient-norm clip (default 1)")
+    train.add_argument("--ema-decay", type=float, help="EMA decay (default 0.999, warmed up)")
     train.add_argument(
         "--amp",
         choices=("none", "bf16", "fp16"),
@@ -112,36 +104,20 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--channels-last",
-
         action="store_true",
         default=None,
         help="train in channels-last memory format (default off; dropout masks then differ from a standard-layout run)",
     )
     train.add_argument(
         "--optimizer-impl",
-
         choices=("auto", "fused", "foreach", "for"),
         help="Adam's implementation (default auto: fused on CPU and CUDA)",
     )
     train.add_argument("--seed", type=int, help="seed of data and training (default 0)")
-    train.add_argument("--log-every",  type=int, default=50, help="steps between metrics.jsonl lines")
-    train.add_argument(
-        "--checkpoint-every",
-
-        type=int,
-        default=1000,
-        help="steps between checkpoints (0: only at the end)",
-    )
-    train.add_argument(
-        "--keep-checkpoints",  type=int, default=3, help="newest checkpoints kept (0: all)"
-    )
-    train.add_argument(
-        "--preview-every",
-
-        type=int,
-        default=0,
-        help="steps between preview grids in OUT/previews (0: none)",
-    )
+    train.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
+    train.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    train.add_argument("--preview-every", type=int, default=0, help="steps between preview grids in OUT/previews (0: none)")
     train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_common(train)

@@ -15,4 +15,12 @@ from .irsde import IntegerTimeWarning, IRSDESampler, irsde_model
 from .k_diffusion import KDiffusionDenoiser, from_k_diffusion, to_k_diffusion
 from .official_mr_sampler import DropInMRSampler
 
-__all__ = ["DropInMRSampler", "IRSDESampler", "IntegerTimeWarning", "KDiffusionDenoiser", "from_k_diffusion", "irsde_model", "to_k_diffusion"]
+__all__ = [
+    "DropInMRSampler",
+    "IRSDESampler",
+    "IntegerTimeWarning",
+    "KDiffusionDenoiser",
+    "from_k_diffusion",
+    "irsde_model",
+    "to_k_diffusion",
+]

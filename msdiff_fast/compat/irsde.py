@@ -55,7 +55,9 @@ class _IRSDEModel:
         return check_network_output(output, x_t, "network")
 
 
-def irsde_model(network: Callable, sde: LinearSDE, network_signature: str = "irsde", integer_time: bool = False, **network_kwargs) -> Callable:
+def irsde_model(
+    network: Callable, sde: LinearSDE, network_signature: str = "irsde", integer_time: bool = False, **network_kwargs
+) -> Callable:
     """An IR-SDE / DA-CLIP network as an msdiff model(x_t, t, mu), unchanged.
 
     network_signature: "irsde": ``network(x_t, mu, t, **network_kwargs)`` (IR-SDE's and DA-CLIP's
@@ -81,7 +83,9 @@ def irsde_model(network: Callable, sde: LinearSDE, network_signature: str = "irs
     if not isinstance(integer_time, bool):
         raise TypeError(f"integer_time: expected a bool, got {type(integer_time).__name__}")
     if integer_time and not isinstance(sde, DiscreteMRSDE):
-        raise ValueError(f"integer_time: integer time indices exist on a discrete IR-SDE schedule (MRSDE.from_irsde), got sde {sde!r}")
+        raise ValueError(
+            f"integer_time: integer time indices exist on a discrete IR-SDE schedule (MRSDE.from_irsde), got sde {sde!r}"
+        )
     return _IRSDEModel(network, network_signature, integer_time, network_kwargs)
 
 
@@ -125,7 +129,16 @@ class IRSDESampler:
         if not isinstance(integer_time, bool):
             raise TypeError(f"integer_time: expected a bool, got {type(integer_time).__name__}")
         self.sde = MRSDE.from_irsde(max_sigma, T, schedule, eps, convention, interpolation)
-        self.sampler = MRSampler(self.sde, steps, solver=solver, order=order, prediction=prediction, model_output=model_output, timesteps=timesteps, **options)
+        self.sampler = MRSampler(
+            self.sde,
+            steps,
+            solver=solver,
+            order=order,
+            prediction=prediction,
+            model_output=model_output,
+            timesteps=timesteps,
+            **options,
+        )
         self.network_signature, self.integer_time = network_signature, integer_time
 
     def __repr__(self):
@@ -139,7 +152,18 @@ class IRSDESampler:
         """The network as an msdiff model(x_t, t, mu) on this sampler's schedule."""
         return irsde_model(network, self.sde, self.network_signature, self.integer_time, **network_kwargs)
 
-    def sample(self, network: Callable, mu: torch.Tensor, x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None, callback=None, progress: bool = False, **network_kwargs) -> torch.Tensor:
+    def sample(
+        self,
+        network: Callable,
+        mu: torch.Tensor,
+        x_T: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        callback=None,
+        progress: bool = False,
+        **network_kwargs,
+    ) -> torch.Tensor:
         """Restore the degraded batch ``mu`` [B, C, H, W]; x_T defaults to mu + max_sigma * z."""
         with torch.no_grad():
-            return self.sampler.sample(self.model(network, **network_kwargs), mu, x_T=x_T, generator=generator, callback=callback, progress=progress)
+            return self.sampler.sample(
+                self.model(network, **network_kwargs), mu, x_T=x_T, generator=generator, callback=callback, progress=progress
+            )

@@ -63,7 +63,9 @@ class KDiffusionDenoiser:
 
     def __init__(self, model: Callable, sde: LinearSDE, model_output: str, cond: Optional[torch.Tensor]):
         self.model, self.sde, self.model_output, self.cond = model, sde, model_output, cond
-        self.sigma_min = next(level for level in (float(sde.sigma(t) / sde.alpha(t)) for t in (0.0, sde.t_end, sde.t_lambda_floor)) if level > 0)
+        self.sigma_min = next(
+            level for level in (float(sde.sigma(t) / sde.alpha(t)) for t in (0.0, sde.t_end, sde.t_lambda_floor)) if level > 0
+        )
         self.sigma_max = float(sde.sigma(sde.T) / sde.alpha(sde.T))
 
     def __repr__(self):
@@ -71,15 +73,21 @@ class KDiffusionDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: Union[float, torch.Tensor], cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
-            raise TypeError(f"x: expected a floating-point tensor [B, ...], got {type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, tuple(x.shape))}")
+            raise TypeError(
+                f"x: expected a floating-point tensor [B, ...], got {type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, tuple(x.shape))}"
+            )
         sigma64 = as_time(sigma, "sigma").to(x.device).reshape(-1)
         if sigma64.numel() == 1:
             sigma64 = sigma64.expand(x.shape[0])
         if sigma64.shape != (x.shape[0],):
-            raise ValueError(f"sigma: expected a scalar or a [{x.shape[0]}] tensor (one level per sample), got shape {tuple(torch.as_tensor(sigma).shape)}")
+            raise ValueError(
+                f"sigma: expected a scalar or a [{x.shape[0]}] tensor (one level per sample), got shape {tuple(torch.as_tensor(sigma).shape)}"
+            )
         low, high = self.sigma_min * (1 - 1e-6), self.sigma_max * (1 + 1e-6)
         if not bool(torch.isfinite(sigma64).all()) or bool((sigma64 < low).any()) or bool((sigma64 > high).any()):
-            raise ValueError(f"sigma: expected noise levels in [sigma_min, sigma_max] = [{self.sigma_min:.6g}, {self.sigma_max:.6g}] of {self.sde!r}, got {sigma64.min().item():.6g} .. {sigma64.max().item():.6g}")
+            raise ValueError(
+                f"sigma: expected noise levels in [sigma_min, sigma_max] = [{self.sigma_min:.6g}, {self.sigma_max:.6g}] of {self.sde!r}, got {sigma64.min().item():.6g} .. {sigma64.max().item():.6g}"
+            )
         t = self.sde.t_of_lam(-torch.log(sigma64)).clamp(0, self.sde.T)
         shape = (-1,) + (1,) * (x.ndim - 1)
         x_t = x * self.sde.alpha(t).reshape(shape).to(x.dtype)
@@ -90,7 +98,9 @@ class KDiffusionDenoiser:
         return convert(output, self.model_output, "data", self.sde, x_t, t, None)
 
 
-def to_k_diffusion(model: Callable, sde: LinearSDE, model_output: str = "data", cond: Optional[torch.Tensor] = None) -> KDiffusionDenoiser:
+def to_k_diffusion(
+    model: Callable, sde: LinearSDE, model_output: str = "data", cond: Optional[torch.Tensor] = None
+) -> KDiffusionDenoiser:
     """An msdiff VE (or VP-type) model(x_t, t, c) as a k-diffusion denoiser D(x, sigma, cond=None).
 
     model_output: what the model returns ("noise", "data", "velocity", "score"); the denoiser

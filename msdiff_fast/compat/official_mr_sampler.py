@@ -93,7 +93,9 @@ class DropInMRSampler:
     ):
         network = getattr(sde, "model", None)
         if not callable(network):
-            raise TypeError(f"sde: expected an object whose .model is the network (call sde.set_model(network)), got .model = {type(network).__name__}")
+            raise TypeError(
+                f"sde: expected an object whose .model is the network (call sde.set_model(network)), got .model = {type(network).__name__}"
+            )
         if not isinstance(opt, Mapping) or not isinstance(opt.get("sde"), Mapping):
             raise ValueError(f"opt: expected the options mapping with an 'sde' section, got {type(opt).__name__}")
         missing = [key for key in ("max_sigma", "T", "schedule", "eps") if key not in opt["sde"]]
@@ -115,13 +117,21 @@ class DropInMRSampler:
         if not isinstance(rho, (int, float)) or not rho > 0:
             raise ValueError(f"rho: expected a positive number, got {rho!r}")
         if thresholding and not (0 < threshold_ratio <= 1 and threshold_max >= 1):
-            raise ValueError(f"threshold_ratio, threshold_max: expected a quantile in (0, 1] and a maximum >= 1, got {threshold_ratio!r}, {threshold_max!r}")
+            raise ValueError(
+                f"threshold_ratio, threshold_max: expected a quantile in (0, 1] and a maximum >= 1, got {threshold_ratio!r}, {threshold_max!r}"
+            )
         self.network = network
-        self.schedule = MRSDE.from_irsde(opt["sde"]["max_sigma"], opt["sde"]["T"], opt["sde"]["schedule"], opt["sde"]["eps"], convention)
+        self.schedule = MRSDE.from_irsde(
+            opt["sde"]["max_sigma"], opt["sde"]["T"], opt["sde"]["schedule"], opt["sde"]["eps"], convention
+        )
         self.solver_type, self.parameterization, self.order = solver_type, parameterization, order
         self.fit_target, self.lambda_min, self.time_schedule = fit_target, float(lambda_min), time_schedule
         self.timestep_offset, self.rho = timestep_offset, float(rho)
-        self.thresholding, self.threshold_ratio, self.threshold_max = bool(thresholding), float(threshold_ratio), float(threshold_max)
+        self.thresholding, self.threshold_ratio, self.threshold_max = (
+            bool(thresholding),
+            float(threshold_ratio),
+            float(threshold_max),
+        )
         self.denoise_last = bool(denoise_last)
         self.set_timesteps(num_sample_steps)
 
@@ -135,7 +145,9 @@ class DropInMRSampler:
         sde, steps = self.schedule, num_inference_steps
         grid_t = torch.arange(sde.T + 1, dtype=torch.float64)
         grid_lam = sde.grid_lam
-        below = int(torch.searchsorted(torch.flip(grid_lam, [0]).contiguous(), torch.tensor(self.lambda_min, dtype=torch.float64)))
+        below = int(
+            torch.searchsorted(torch.flip(grid_lam, [0]).contiguous(), torch.tensor(self.lambda_min, dtype=torch.float64))
+        )
         max_timestep = sde.T - below
         kind = self.time_schedule
         if kind == "linspace":
@@ -165,7 +177,9 @@ class DropInMRSampler:
             times = torch.from_numpy(np.interp(lams, grid_lam.flip(0).numpy(), grid_t.flip(0).numpy()))
         times = times.to(torch.float64)
         if times.numel() < 2 or bool((times[1:] >= times[:-1]).any()) or float(times[-1]) < 0 or float(times[0]) > sde.T:
-            raise ValueError(f"num_inference_steps: time_schedule {kind!r} with {steps} steps (offset {self.timestep_offset}) gives no strictly decreasing grid in [0, {sde.T}]: {times.tolist()}")
+            raise ValueError(
+                f"num_inference_steps: time_schedule {kind!r} with {steps} steps (offset {self.timestep_offset}) gives no strictly decreasing grid in [0, {sde.T}]: {times.tolist()}"
+            )
         inside_first_cell = (times > 0) & (times < 1)
         if math.isinf(float(grid_lam[0])) and bool(inside_first_cell.any()):
             raise ValueError(
@@ -174,12 +188,20 @@ class DropInMRSampler:
             )
         nfe = times.numel() - 1
         if nfe < self.order:
-            raise ValueError(f"num_sample_steps: expected at least order = {self.order} steps (the official code repeats its last step otherwise), got {nfe}")
+            raise ValueError(
+                f"num_sample_steps: expected at least order = {self.order} steps (the official code repeats its last step otherwise), got {nfe}"
+            )
         self.timesteps = times.tolist()
         model_output = self.parameterization if self.thresholding else FIT_TARGETS[self.fit_target]
         self.sampler = _OfficialOrderSampler(
-            self.schedule, nfe, solver=self.solver_type, order=self.order, prediction=self.parameterization,
-            model_output=model_output, timesteps=times, denoise_last=self.denoise_last,
+            self.schedule,
+            nfe,
+            solver=self.solver_type,
+            order=self.order,
+            prediction=self.parameterization,
+            model_output=model_output,
+            timesteps=times,
+            denoise_last=self.denoise_last,
         )
 
     def _model(self, contexts: Mapping, record: Optional[list]) -> Callable:
@@ -191,7 +213,11 @@ class DropInMRSampler:
                 # the official code thresholds the converted model output (the solver's prediction)
                 output = self._clip_output(convert(output, fit_kind, self.parameterization, self.schedule, x_t, t.double(), mu))
             if record is not None:
-                prediction = output if self.thresholding else convert(output, fit_kind, self.parameterization, self.schedule, x_t, t.double(), mu)
+                prediction = (
+                    output
+                    if self.thresholding
+                    else convert(output, fit_kind, self.parameterization, self.schedule, x_t, t.double(), mu)
+                )
                 record.append(prediction.detach().cpu())
             return output
 
@@ -203,7 +229,16 @@ class DropInMRSampler:
         s = torch.quantile(flat.abs(), self.threshold_ratio, dim=1).clamp(1, self.threshold_max)[:, None]
         return (flat.clamp(-s, s) / s).reshape(output.shape).to(output.dtype)
 
-    def sampling(self, cond: torch.Tensor, text_context=None, image_context=None, use_tqdm: bool = False, position: int = 0, savedir: Optional[str] = None, noisy_state: Optional[torch.Tensor] = None):
+    def sampling(
+        self,
+        cond: torch.Tensor,
+        text_context=None,
+        image_context=None,
+        use_tqdm: bool = False,
+        position: int = 0,
+        savedir: Optional[str] = None,
+        noisy_state: Optional[torch.Tensor] = None,
+    ):
         """Restore ``cond``; returns (samples clipped to [0, 1], qbuffer, states).
 
         qbuffer (the solver's predictions, one per network evaluation) and states (x_T and every
@@ -211,10 +246,14 @@ class DropInMRSampler:
         also written there as a PNG grid of the batch (prior_sample.png, step_<i>.png).
         """
         if not isinstance(cond, torch.Tensor) or not cond.is_floating_point() or cond.ndim != 4:
-            raise ValueError(f"cond: expected the degraded images as a float tensor [B, C, H, W], got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else (cond.dtype, tuple(cond.shape))}")
+            raise ValueError(
+                f"cond: expected the degraded images as a float tensor [B, C, H, W], got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else (cond.dtype, tuple(cond.shape))}"
+            )
         if savedir is not None and cond.shape[1] not in (1, 3):
             raise ValueError(f"savedir: saving states needs 1- or 3-channel images, got cond with {cond.shape[1]} channels")
-        contexts = {name: value for name, value in (("text_context", text_context), ("image_context", image_context)) if value is not None}
+        contexts = {
+            name: value for name, value in (("text_context", text_context), ("image_context", image_context)) if value is not None
+        }
         qbuffer, states = ([], []) if savedir is not None else (None, None)
         bar = tqdm(desc="sampling", total=self.sampler.steps, position=position, leave=False) if use_tqdm else None
         x_T = noisy_state if noisy_state is not None else self.schedule.prior(cond)

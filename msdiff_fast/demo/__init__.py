@@ -40,7 +40,11 @@ class _Display:
         from tqdm.auto import tqdm
 
         self.enabled, self.terminal = enabled, enabled and sys.stderr.isatty()
-        self.bars = {key: tqdm(total=1, desc=key, position=i, leave=True, dynamic_ncols=True) for i, key in enumerate(keys)} if self.terminal else {}
+        self.bars = (
+            {key: tqdm(total=1, desc=key, position=i, leave=True, dynamic_ncols=True) for i, key in enumerate(keys)}
+            if self.terminal
+            else {}
+        )
         self.last: Dict[str, Tuple[str, int]] = {}
 
     def update(self, key: str, stage: str, done: int, total: int) -> None:
@@ -75,12 +79,16 @@ def _worker_count(device: torch.device, models: int) -> int:
     return min(models, torch.get_num_threads()) if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-def _run_models(models: List[DemoModel], settings: DemoSettings, out: Path, device: torch.device, workers: int, display: _Display) -> Dict:
+def _run_models(
+    models: List[DemoModel], settings: DemoSettings, out: Path, device: torch.device, workers: int, display: _Display
+) -> Dict:
     if workers == 1:
         channel = queue.SimpleQueue()
         results = {}
         for model in models:
-            results[model.key] = _drain_while(lambda: run_model(model.key, settings, out, str(device), torch.get_num_threads(), channel), channel, display)
+            results[model.key] = _drain_while(
+                lambda: run_model(model.key, settings, out, str(device), torch.get_num_threads(), channel), channel, display
+            )
         return results
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -119,7 +127,9 @@ def _show(channel, display: _Display) -> None:
         display.update(key, stage, done, total)
 
 
-def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: bool = True, command: str = "msdiff demo") -> Dict:
+def run_demo(
+    settings: DemoSettings, out: Path, device: torch.device, progress: bool = True, command: str = "msdiff demo"
+) -> Dict:
     """Run the demo into ``out`` (which must be writable); return what metrics.json holds."""
     settings.check()
     if settings.data == "photos":
@@ -131,8 +141,10 @@ def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: 
     models = demo_models(settings)
     pyplot()  # fail now, not after the training, when matplotlib is missing
     workers = _worker_count(device, len(models))
-    _log(f"training and evaluating {', '.join(m.key for m in models)} on {settings.data} ({settings.train_steps} steps each, "
-         f"{workers} worker process{'es' if workers > 1 else ''})")
+    _log(
+        f"training and evaluating {', '.join(m.key for m in models)} on {settings.data} ({settings.train_steps} steps each, "
+        f"{workers} worker process{'es' if workers > 1 else ''})"
+    )
     display = _Display([m.key for m in models], progress)
     try:
         results = _run_models(models, settings, out, device, workers, display)
@@ -154,7 +166,11 @@ def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: 
                 "description": model.spec.description(),
                 "training": trained[model.key],
                 "images": {name: list(size) for name, size in results[model.key]["images"].items()},
-                "reference": {"sampler": model.reference.name, "nfe": model.reference.nfe, "usual_nfe": USUAL_NFE[model.reference.name]},
+                "reference": {
+                    "sampler": model.reference.name,
+                    "nfe": model.reference.nfe,
+                    "usual_nfe": USUAL_NFE[model.reference.name],
+                },
                 "rows": results[model.key]["rows"],
             }
             for model in models
@@ -162,6 +178,10 @@ def run_demo(settings: DemoSettings, out: Path, device: torch.device, progress: 
     }
     write_json(out / "metrics.json", metrics)
     write_report(out / "report.md", settings, models, trained, results, seconds, command, device, workers)
-    _log(f"done in {seconds / 60:.1f} min: {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'nfe_curve.png'}, {out / 'runs'}")
-    print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'nfe_curve.png'} and the checkpoints in {out / 'runs'} in {seconds:.0f} s")
+    _log(
+        f"done in {seconds / 60:.1f} min: {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'nfe_curve.png'}, {out / 'runs'}"
+    )
+    print(
+        f"wrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'samples.png'}, {out / 'nfe_curve.png'} and the checkpoints in {out / 'runs'} in {seconds:.0f} s"
+    )
     return metrics

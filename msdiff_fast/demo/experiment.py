@@ -43,7 +43,7 @@ def held_out_images(settings: DemoSettings) -> Dict[str, torch.Tensor]:
         if settings.test_crop is not None:
             height, width = min(height, settings.test_crop), min(width, settings.test_crop)
         top, left = (photo.shape[1] - height) // 2, (photo.shape[2] - width) // 2
-        chosen[name] = photo[:, top:top + height, left:left + width].float() / 255
+        chosen[name] = photo[:, top : top + height, left : left + width].float() / 255
     return chosen
 
 
@@ -68,6 +68,7 @@ def test_pairs(model: DemoModel, settings: DemoSettings) -> Dict[str, Dict[str, 
 
 class Progress:
     """Progress of one model, sent to the parent process, which alone writes to the terminal."""
+
     def __init__(self, key: str, channel):
         self.key, self.channel = key, channel
 
@@ -85,30 +86,63 @@ def train_model(model: DemoModel, settings: DemoSettings, out: Path, device: tor
     network = spec.network(seed=settings.seed)
     estimator = spec.build_estimator()
     every = max(1, settings.train_steps // 50)
-    config = TrainConfig(steps=settings.train_steps, batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
-                         ema_decay=0.999, amp=settings.amp, seed=settings.seed, log_every=max(1, min(50, settings.train_steps)),
-                         checkpoint_every=0, keep_checkpoints=1, out_dir=str(run_dir), device=str(device), progress=False, preview_every=every)
-    trainer = Trainer(network, estimator, dataset, config, preview=lambda trainer, step: progress("train", step, settings.train_steps),
-                      description=spec.description())
+    config = TrainConfig(
+        steps=settings.train_steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        warmup=settings.warmup,
+        ema_decay=0.999,
+        amp=settings.amp,
+        seed=settings.seed,
+        log_every=max(1, min(50, settings.train_steps)),
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        out_dir=str(run_dir),
+        device=str(device),
+        progress=False,
+        preview_every=every,
+    )
+    trainer = Trainer(
+        network,
+        estimator,
+        dataset,
+        config,
+        preview=lambda trainer, step: progress("train", step, settings.train_steps),
+        description=spec.description(),
+    )
     try:
         trainer.fit()
     finally:
         trainer.close()
-    info = {"parameters": sum(p.numel() for p in network.parameters()), "seconds": trainer.seconds, "steps": settings.train_steps,
-            "loss": trainer.last_metrics.get("loss"), "checkpoint": str(latest_checkpoint(run_dir))}
+    info = {
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "seconds": trainer.seconds,
+        "steps": settings.train_steps,
+        "loss": trainer.last_metrics.get("loss"),
+        "checkpoint": str(latest_checkpoint(run_dir)),
+    }
     return {"network": trainer.ema, "estimator": trainer.estimator, "info": info}
 
 
-def restore_pairs(trained: Dict, pairs: Dict, sampler: SamplerSpec, copies: int, seed: int, settings: DemoSettings,
-             device: torch.device) -> Tuple[Dict[str, torch.Tensor], float]:
+def restore_pairs(
+    trained: Dict, pairs: Dict, sampler: SamplerSpec, copies: int, seed: int, settings: DemoSettings, device: torch.device
+) -> Tuple[Dict[str, torch.Tensor], float]:
     """``copies`` samples of every condition: name -> [copies, C, H, W], and the seconds taken."""
     names = list(pairs)
     conditions = [pairs[name]["condition"].to(device) for _ in range(copies) for name in names]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    restored = restore_images(trained["network"], trained["estimator"], conditions, sampler, seed, settings.image_size,
-                              settings.image_size // 4, batch=64)
+    restored = restore_images(
+        trained["network"],
+        trained["estimator"],
+        conditions,
+        sampler,
+        seed,
+        settings.image_size,
+        settings.image_size // 4,
+        batch=64,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -131,8 +165,16 @@ def evaluate_model(model: DemoModel, trained: Dict, settings: DemoSettings, devi
     pairs = test_pairs(model, settings)
     operator = consistency_operator(model.spec.task, model.spec.task_options)
     baseline = {name: pair["baseline"][None] for name, pair in pairs.items()}
-    rows = [{"sampler": "input", "label": f"input ({model.baseline})", "nfe": 0, "seconds_per_image": None, "samples_per_input": 1,
-             **average_metrics(baseline, pairs, operator)}]
+    rows = [
+        {
+            "sampler": "input",
+            "label": f"input ({model.baseline})",
+            "nfe": 0,
+            "seconds_per_image": None,
+            "samples_per_input": 1,
+            **average_metrics(baseline, pairs, operator),
+        }
+    ]
     examples = {name: {"input": pair["baseline"], "truth": pair["truth"]} for name, pair in pairs.items()}
     runs = [(sampler, settings.samples_per_input) for sampler in model.fast] + [(model.reference, 1)]
     pixels = sum(pair["truth"][0].numel() for pair in pairs.values())
@@ -141,10 +183,20 @@ def evaluate_model(model: DemoModel, trained: Dict, settings: DemoSettings, devi
         samples, seconds = restore_pairs(trained, pairs, sampler, copies, settings.seed + 100 + index, settings, device)
         if not all(torch.isfinite(s).all() for s in samples.values()):
             raise FloatingPointError(f"{sampler.label} at NFE {sampler.nfe} produced non-finite samples")
-        rows.append({"sampler": sampler.name, "label": sampler.label, "nfe": sampler.nfe, "order": sampler.order, "prediction": sampler.prediction,
-                     "seconds": seconds, "seconds_per_image": seconds / (copies * len(pairs)),
-                     "seconds_per_megapixel": seconds / (copies * pixels) * 1e6, "samples_per_input": copies,
-                     **average_metrics(samples, pairs, operator)})
+        rows.append(
+            {
+                "sampler": sampler.name,
+                "label": sampler.label,
+                "nfe": sampler.nfe,
+                "order": sampler.order,
+                "prediction": sampler.prediction,
+                "seconds": seconds,
+                "seconds_per_image": seconds / (copies * len(pairs)),
+                "seconds_per_megapixel": seconds / (copies * pixels) * 1e6,
+                "samples_per_input": copies,
+                **average_metrics(samples, pairs, operator),
+            }
+        )
         for name in pairs:
             if sampler == model.reference:
                 examples[name]["reference"] = samples[name][0]

@@ -28,7 +28,9 @@ class Estimator:
         self.x_shape = check_shape(x_shape, "x_shape")
         self.y_shape = check_shape(y_shape, "y_shape")
         if self.x_shape is not None and self.y_shape is not None and self.x_shape[1:] != self.y_shape[1:]:
-            raise ValueError(f"y_shape: expected the spatial size {self.x_shape[1:]} of x_shape (y is concatenated to x), got {self.y_shape[1:]}")
+            raise ValueError(
+                f"y_shape: expected the spatial size {self.x_shape[1:]} of x_shape (y is concatenated to x), got {self.y_shape[1:]}"
+            )
         self.t_eps = VE_T_EPS * float(sde.T) if t_eps is None else check_positive(t_eps, "t_eps")
         if not self.t_eps < float(sde.T):
             raise ValueError(f"t_eps: expected a number in (0, T = {sde.T}), got {t_eps!r}")
@@ -92,7 +94,9 @@ class Estimator:
         t, seed = self._draw(generator, x0.shape[0], offset_samples, global_batch, x0.device)
         return self._loss(model, x0, y0, t, seed, offset_samples)
 
-    def _loss(self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int) -> torch.Tensor:
+    def _loss(
+        self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int
+    ) -> torch.Tensor:
         """The loss at the drawn times t [B] (float64) with the Philox seed ``seed``."""
         raise NotImplementedError
 
@@ -102,20 +106,28 @@ class Estimator:
         check_images(x0, "x0", self.x_shape)
         check_images(y0, "y0", self.y_shape)
         if y0.shape[0] != x0.shape[0] or y0.shape[2:] != x0.shape[2:]:
-            raise ValueError(f"y0: expected batch {x0.shape[0]} and spatial size {tuple(x0.shape[2:])} (like x0), got shape {tuple(y0.shape)}")
+            raise ValueError(
+                f"y0: expected batch {x0.shape[0]} and spatial size {tuple(x0.shape[2:])} (like x0), got shape {tuple(y0.shape)}"
+            )
         if y0.dtype != x0.dtype or y0.device != x0.device:
             raise TypeError(f"y0: expected dtype {x0.dtype} on {x0.device} (like x0), got {y0.dtype} on {y0.device}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         batch = x0.shape[0]
         if not isinstance(offset_samples, int) or isinstance(offset_samples, bool) or offset_samples < 0:
-            raise ValueError(f"offset_samples: expected an int >= 0 (index of this batch's first sample in the global batch), got {offset_samples!r}")
+            raise ValueError(
+                f"offset_samples: expected an int >= 0 (index of this batch's first sample in the global batch), got {offset_samples!r}"
+            )
         if global_batch is None:
             if offset_samples:
-                raise ValueError(f"global_batch: expected the global batch size when offset_samples = {offset_samples} > 0 (all ranks draw t for it), got None")
+                raise ValueError(
+                    f"global_batch: expected the global batch size when offset_samples = {offset_samples} > 0 (all ranks draw t for it), got None"
+                )
             global_batch = batch
         if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < offset_samples + batch:
-            raise ValueError(f"global_batch: expected an int >= offset_samples + batch = {offset_samples + batch}, got {global_batch!r}")
+            raise ValueError(
+                f"global_batch: expected an int >= offset_samples + batch = {offset_samples + batch}, got {global_batch!r}"
+            )
         return global_batch
 
     def _draw(self, generator, batch: int, offset_samples: int, global_batch: int, device) -> Tuple[torch.Tensor, int]:
@@ -142,7 +154,11 @@ def check_step(step, name: str) -> int:
 def check_shape(shape, name: str) -> Optional[Shape]:
     if shape is None:
         return None
-    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+    if (
+        not isinstance(shape, (tuple, list, torch.Size))
+        or len(shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
         raise ValueError(f"{name}: expected (C, H, W) of positive ints, got {shape!r}")
     return tuple(shape)
 
@@ -157,9 +173,13 @@ def check_images(x, name: str, shape: Optional[Shape], any_size: bool = False) -
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch [B, C, H, W], got shape {tuple(x.shape)}")
     if shape is not None and any_size and x.shape[1] != shape[0]:
-        raise ValueError(f"{name}: expected [B, {shape[0]}, H, W] ({shape[0]} channels, the estimator's {name[0]}_shape), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected [B, {shape[0]}, H, W] ({shape[0]} channels, the estimator's {name[0]}_shape), got shape {tuple(x.shape)}"
+        )
     if shape is not None and not any_size and tuple(x.shape[1:]) != shape:
-        raise ValueError(f"{name}: expected [B, {', '.join(map(str, shape))}] (the estimator's {name[0]}_shape), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected [B, {', '.join(map(str, shape))}] (the estimator's {name[0]}_shape), got shape {tuple(x.shape)}"
+        )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 

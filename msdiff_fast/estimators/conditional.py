@@ -139,8 +139,14 @@ class _ConditionalEstimator(Estimator):
         data = self.sigma_data
         norm = torch.sqrt(s * s + data * data)
         return {
-            "alpha": alpha, "s": s, "c_in": 1.0 / (alpha * norm), "c_skip": data * data / (norm * norm), "c_out": s * data / norm,
-            "k": -data / norm, "c": s / (data * norm), "weight": (data / norm) ** 2,
+            "alpha": alpha,
+            "s": s,
+            "c_in": 1.0 / (alpha * norm),
+            "c_skip": data * data / (norm * norm),
+            "c_out": s * data / norm,
+            "k": -data / norm,
+            "c": s / (data * norm),
+            "weight": (data / norm) ** 2,
         }
 
     def network_input_scale(self, t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +169,9 @@ class _ConditionalEstimator(Estimator):
             segments.append(torch.stack([y_weight, -torch.ones_like(y_weight), torch.zeros_like(y_weight)], dim=1))
         return torch.stack(segments, dim=1)
 
-    def _loss(self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int) -> torch.Tensor:
+    def _loss(
+        self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int
+    ) -> torch.Tensor:
         """The weighted denoising score-matching loss: model(input [B, C_x + C_y, H, W], t [B]) ->
         [B, model_output_channels, H, W]."""
         batch, x_channels = x0.shape[0], x0.shape[1]
@@ -176,7 +184,9 @@ class _ConditionalEstimator(Estimator):
         network_input = torch.empty((batch, x_channels + y0.shape[1], *x0.shape[2:]), dtype=x0.dtype, device=x0.device)
         noise = self._stored_noise(seed, offset, x0, network_input.shape if self.diffuses_y else x0.shape)
         inject_noise = None if noise is None else (noise[:, :x_channels], noise[:, x_channels:] if self.diffuses_y else None)
-        noise_inject(x0.contiguous(), x_coefs, y0.contiguous(), y_coefs, seed=seed, offset=offset, noise=inject_noise, out=network_input)
+        noise_inject(
+            x0.contiguous(), x_coefs, y0.contiguous(), y_coefs, seed=seed, offset=offset, noise=inject_noise, out=network_input
+        )
         output = model(network_input, t.to(coef_dtype))
         channels = self.model_output_channels(x_channels, y0.shape[1])
         check_output(output, (batch, channels, *x0.shape[2:]), self._output_description(x_channels, y0.shape[1]))
@@ -184,8 +194,16 @@ class _ConditionalEstimator(Estimator):
         target = None
         if self.sigma_data is not None:  # x0 in the x part; the y part's target scale is 0
             target = x0.contiguous() if not self.diffuses_y else torch.cat([x0, torch.zeros_like(output[:, x_channels:])], dim=1)
-        return weighted_score_loss(output.contiguous(), coefs, split=x_dim if self.diffuses_y else None, seed=seed, offset=offset, noise=noise,
-                                   target=target, reduction="mean")
+        return weighted_score_loss(
+            output.contiguous(),
+            coefs,
+            split=x_dim if self.diffuses_y else None,
+            seed=seed,
+            offset=offset,
+            noise=noise,
+            target=target,
+            reduction="mean",
+        )
 
     def _output_description(self, x_channels: int, y_channels: int) -> str:
         if self.diffuses_y:
@@ -219,7 +237,10 @@ class _ConditionalEstimator(Estimator):
             factors = None
             if self.sigma_data is not None:
                 times = t.expand(x_t.shape[0]) if torch.is_tensor(t) else torch.full((x_t.shape[0],), float(t))
-                factors = {k: v.to(x_t.device, x_t.dtype).reshape(-1, 1, 1, 1) for k, v in self.preconditioning(times.to(x_t.device)).items()}
+                factors = {
+                    k: v.to(x_t.device, x_t.dtype).reshape(-1, 1, 1, 1)
+                    for k, v in self.preconditioning(times.to(x_t.device)).items()
+                }
             x_input = x_t if factors is None else factors["c_in"] * x_t
             output = model(torch.cat([x_input, y_t.to(x_t.dtype)], dim=1), t)
             channels = self.model_output_channels(x_t.shape[1], y_channels)
@@ -245,7 +266,9 @@ class CDE(_ConditionalEstimator):
     diffuses_y = False
     default_mode = "clean"
 
-    def __init__(self, x_sde: LinearSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
+    def __init__(
+        self, x_sde: LinearSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None
+    ):
         super().__init__(CleanConditionSDE(x_sde), x_shape, y_shape, t_eps, sigma_data)
 
     @classmethod
@@ -272,7 +295,9 @@ class CMDE(_ConditionalEstimator):
 
     name = "cmde"
 
-    def __init__(self, sde: MultiSpeedSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
+    def __init__(
+        self, sde: MultiSpeedSDE, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None
+    ):
         if not isinstance(sde, MultiSpeedSDE) or isinstance(sde, CleanConditionSDE):
             raise TypeError(f"sde: expected a MultiSpeedSDE(x_sde, y_sde), got {type(sde).__name__}")
         super().__init__(sde, x_shape, y_shape, t_eps, sigma_data)
@@ -317,14 +342,27 @@ class VSCMDE(CMDE):
 
     name = "vscmde"
 
-    def __init__(self, x_sde: VESDE, sigma_y_start: float, sigma_y_target: float = 0.5, target_step: int = 250_000, clamp: bool = True, x_shape=None, y_shape=None, t_eps: Optional[float] = None, sigma_data: Optional[float] = None):
+    def __init__(
+        self,
+        x_sde: VESDE,
+        sigma_y_start: float,
+        sigma_y_target: float = 0.5,
+        target_step: int = 250_000,
+        clamp: bool = True,
+        x_shape=None,
+        y_shape=None,
+        t_eps: Optional[float] = None,
+        sigma_data: Optional[float] = None,
+    ):
         if not isinstance(x_sde, VESDE):
             raise TypeError(f"x_sde: expected a VESDE, got {type(x_sde).__name__}")
         vs_sigma_y_max(0, sigma_y_start, sigma_y_target, target_step, clamp)
         self.sigma_y_start, self.sigma_y_target = float(sigma_y_start), float(sigma_y_target)
         self.target_step, self.clamp, self.step = target_step, clamp, 0
         self.sigma_y_max = self.sigma_y_start
-        super().__init__(MultiSpeedSDE(x_sde, _y_sde(x_sde.sigma_min, self.sigma_y_max, x_sde.schedule)), x_shape, y_shape, t_eps, sigma_data)
+        super().__init__(
+            MultiSpeedSDE(x_sde, _y_sde(x_sde.sigma_min, self.sigma_y_max, x_sde.schedule)), x_shape, y_shape, t_eps, sigma_data
+        )
 
     @classmethod
     def for_images(cls, x_shape: Sequence[int], y_shape: Sequence[int], **settings) -> "VSCMDE":
@@ -333,8 +371,17 @@ class VSCMDE(CMDE):
         x_shape, y_shape = check_shape(x_shape, "x_shape"), check_shape(y_shape, "y_shape")
         start = math.sqrt(math.prod(y_shape)) if options.sigma_y_start is None else options.sigma_y_start
         x_sde = options.x_sde(x_shape)
-        return cls(x_sde, start, options.sigma_y_target, options.target_step, options.clamp, x_shape, y_shape, options.t_eps,
-                   options.sigma_data)
+        return cls(
+            x_sde,
+            start,
+            options.sigma_y_target,
+            options.target_step,
+            options.clamp,
+            x_shape,
+            y_shape,
+            options.t_eps,
+            options.sigma_data,
+        )
 
     def on_step(self, step: int) -> None:
         check_step(step, "step")
@@ -387,6 +434,8 @@ def _sde_from_state(state: Dict, key: str, current: LinearSDE) -> LinearSDE:
         return VESDE(entry["sigma_min"], entry["sigma_max"], entry["schedule"])
     if isinstance(entry, dict) and "repr" in entry:
         if entry["repr"] != repr(current):
-            raise ValueError(f"state[{key!r}]: the checkpoint was trained with {entry['repr']}, this estimator has {current!r}; build the estimator with the checkpoint's SDE")
+            raise ValueError(
+                f"state[{key!r}]: the checkpoint was trained with {entry['repr']}, this estimator has {current!r}; build the estimator with the checkpoint's SDE"
+            )
         return current
     raise ValueError(f"state[{key!r}]: expected a dict with sigma_min, sigma_max, schedule (VE) or repr, got {entry!r}")

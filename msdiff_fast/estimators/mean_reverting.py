@@ -86,7 +86,9 @@ class MeanReverting(Estimator):
         super().load_state_dict(state)
         for key, mine in (("sde", repr(self.sde)), ("target", self.target)):
             if state.get(key) != mine:
-                raise ValueError(f"state: the checkpoint was trained with {key} = {state.get(key)!r}, this estimator has {mine!r}; build the estimator with the checkpoint's")
+                raise ValueError(
+                    f"state: the checkpoint was trained with {key} = {state.get(key)!r}, this estimator has {mine!r}; build the estimator with the checkpoint's"
+                )
 
     def loss_coefficients(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """[B, 1, 3] float64 (weight 1 / D, noise scale k, target scale c) for the target."""
@@ -108,7 +110,9 @@ class MeanReverting(Estimator):
             raise ValueError(f"y0: expected mu shaped like x0, {tuple(x0.shape)}, got {tuple(y0.shape)}")
         return global_batch
 
-    def _loss(self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int) -> torch.Tensor:
+    def _loss(
+        self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int
+    ) -> torch.Tensor:
         """||NN(cat(x_t - mu, mu), t) - target||^2 / D_x; y0 is mu."""
         batch, dim = x0.shape[0], x0[0].numel()
         coef_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -119,15 +123,38 @@ class MeanReverting(Estimator):
         x_coefs = torch.stack([self.sde.alpha(t), self.sde.sigma(t)], dim=1).to(coef_dtype)
         network_input = torch.empty((batch, 2 * x0.shape[1], *x0.shape[2:]), dtype=x0.dtype, device=x0.device)
         noise = self._stored_noise(seed, offset, x0, x0.shape)
-        noise_inject(data_minus_mu, x_coefs, y0.contiguous(), None, seed=seed, offset=offset, noise=None if noise is None else (noise, None), out=network_input)
+        noise_inject(
+            data_minus_mu,
+            x_coefs,
+            y0.contiguous(),
+            None,
+            seed=seed,
+            offset=offset,
+            noise=None if noise is None else (noise, None),
+            out=network_input,
+        )
         output = model(network_input, t.to(coef_dtype))
         check_output(output, tuple(x0.shape), f"{x0.shape[1]} channels like x, unet_preset(..., estimator='mr')")
         target = {"noise": None, "data": x0, "residual": data_minus_mu, "velocity": data_minus_mu}[self.target]
         coefs = self.loss_coefficients(t, dim).to(coef_dtype)
-        return weighted_score_loss(output.contiguous(), coefs, seed=seed, offset=offset, noise=noise, target=None if target is None else target.contiguous(),
-                                   reduction="mean")
+        return weighted_score_loss(
+            output.contiguous(),
+            coefs,
+            seed=seed,
+            offset=offset,
+            noise=noise,
+            target=None if target is None else target.contiguous(),
+            reduction="mean",
+        )
 
-    def sampling_model(self, model: Callable, y: Optional[torch.Tensor] = None, mode: Optional[str] = None, generator: Optional[torch.Generator] = None, times: Optional[torch.Tensor] = None) -> Callable:
+    def sampling_model(
+        self,
+        model: Callable,
+        y: Optional[torch.Tensor] = None,
+        mode: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+        times: Optional[torch.Tensor] = None,
+    ) -> Callable:
         """model(x_t, t, mu) -> the ``model_output`` kind; mu is the sampler's condition (or ``y``).
 
         Use with ``MRSampler(est.sde, steps, model_output=est.model_output).sample(m, mu)``.

@@ -69,7 +69,7 @@ def philox_normal(seed: int, offset: int, numel: int, *, device=None, dtype=torc
     first_counter = offset // NORMALS_PER_COUNTER
     counters = -(-(lead + numel) // NORMALS_PER_COUNTER)
     words = philox_words(seed, torch.arange(first_counter, first_counter + counters, dtype=torch.int64, device=device))
-    return counter_normals(words, dtype)[lead:lead + numel]
+    return counter_normals(words, dtype)[lead : lead + numel]
 
 
 def counter_normals(words, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -31,12 +31,18 @@ def mr_step(x, terms, coefs, noise_coef=None, seed=0, offset=0, noise=None) -> t
     for k, term in enumerate(terms):
         result = result + _per_sample(coefs[:, k + 1], x.ndim, dtype) * term.to(dtype)
     if noise_coef is not None:
-        z = noise.to(dtype) if noise is not None else philox_normal(seed, offset, x.numel(), device=x.device, dtype=dtype).view(x.shape)
+        z = (
+            noise.to(dtype)
+            if noise is not None
+            else philox_normal(seed, offset, x.numel(), device=x.device, dtype=dtype).view(x.shape)
+        )
         result = result + _per_sample(noise_coef, x.ndim, dtype) * z
     return result.to(x.dtype)
 
 
-def noise_inject(x0, x_coefs, y0=None, y_coefs=None, mu=None, seed=0, offset=0, noise=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def noise_inject(
+    x0, x_coefs, y0=None, y_coefs=None, mu=None, seed=0, offset=0, noise=None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x_t = a_x x0 + (1 - a_x) mu + s_x z_x and y_t = a_y y0 + s_y z_y, per sample.
 
     x_coefs / y_coefs are [B, 2] = (mean scale a, std s). Sample b draws its x noise at stream
@@ -67,7 +73,9 @@ def noise_inject(x0, x_coefs, y0=None, y_coefs=None, mu=None, seed=0, offset=0, 
     return x_t.to(x0.dtype), y_t.to(y0.dtype)
 
 
-def weighted_score_loss(output, coefs, split=None, seed=0, offset=0, noise=None, target=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def weighted_score_loss(
+    output, coefs, split=None, seed=0, offset=0, noise=None, target=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weighted squared error against a noise-based target, and its gradient.
 
     Sample b is split into segments (the first ``split`` elements of each sample and the rest,

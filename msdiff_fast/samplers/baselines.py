@@ -132,7 +132,14 @@ def _euler(model, sde, mu, steps: int, options: BaselineOptions, stochastic: boo
     return x.clamp(*options.clip) if options.clip is not None else x
 
 
-def conditioned_model(model, sde: MultiSpeedSDE, y: torch.Tensor, mode: str = "fresh", generator: Optional[torch.Generator] = None, times: Optional[torch.Tensor] = None):
+def conditioned_model(
+    model,
+    sde: MultiSpeedSDE,
+    y: torch.Tensor,
+    mode: str = "fresh",
+    generator: Optional[torch.Generator] = None,
+    times: Optional[torch.Tensor] = None,
+):
     """model(x_t, t, y_t) of a multi-speed (CDiffE / CMDE) network as model(x_t, t, _) for a sampler.
 
     mode "clean": y_t = y (CDE); "fresh": a new y_t = a_y y + s_y z at every call (the reference
@@ -202,16 +209,29 @@ def pc_sample(
     if isinstance(sde, MultiSpeedSDE):
         x_sde = sde.x
         times = torch.linspace(float(x_sde.T), float(x_sde.t_end if t_end is None else t_end), steps + 1, dtype=torch.float64)
-        net = conditioned_model(model, sde, y, conditioning, generator, times) if y is not None else (lambda x_t, t, _: model(x_t, t, None))
+        net = (
+            conditioned_model(model, sde, y, conditioning, generator, times)
+            if y is not None
+            else (lambda x_t, t, _: model(x_t, t, None))
+        )
     else:
         x_sde, net = sde, (lambda x_t, t, _: model(x_t, t, y))
     if x_sde.mean_reverting:
-        raise ValueError("sde: pc_sample is the VE/VP reference sampler; for mean-reverting SDEs use posterior_sample or MRSampler")
+        raise ValueError(
+            "sde: pc_sample is the VE/VP reference sampler; for mean-reverting SDEs use posterior_sample or MRSampler"
+        )
     check_kind("model_output", model_output, KINDS)
     if not snr > 0 or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"snr, corrector_steps: expected snr > 0 and an int >= 0, got {snr!r}, {corrector_steps!r}")
     ts = get_timesteps(x_sde, steps, "uniform_t", t_end=t_end)
-    x = initial_state(x_sde, None, x_T, shape if x_T is not None or y is None else (shape or y.shape), generator, None if y is None else y.device)
+    x = initial_state(
+        x_sde,
+        None,
+        x_T,
+        shape if x_T is not None or y is None else (shape or y.shape),
+        generator,
+        None if y is None else y.device,
+    )
     if y is not None and x_T is None:
         x = x.to(y.dtype)
     if x.shape[0] == 0:

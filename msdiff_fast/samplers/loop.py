@@ -38,7 +38,9 @@ def limit_data(x0: torch.Tensor, clip, threshold) -> torch.Tensor:
 def _check_batch(name: str, t) -> None:
     """A floating-point [B, ...] tensor of finite values (NaN in mu is the caller's, not the solver's)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor [B, ...], got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+        raise TypeError(
+            f"{name}: expected a floating-point tensor [B, ...], got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}"
+        )
     if t.ndim < 1:
         raise ValueError(f"{name}: expected a tensor with a batch dimension [B, ...], got a 0-dim tensor")
     if t.numel() and not bool(torch.isfinite(t).all()):
@@ -66,8 +68,16 @@ def time_tensor(x: torch.Tensor, s: float) -> torch.Tensor:
     return torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
 
 
-def call_model(model: Model, x: torch.Tensor, s: Union[float, torch.Tensor], condition, i: int = 0, steps: int = 1, name: str = "sampler",
-               check: bool = True) -> torch.Tensor:
+def call_model(
+    model: Model,
+    x: torch.Tensor,
+    s: Union[float, torch.Tensor],
+    condition,
+    i: int = 0,
+    steps: int = 1,
+    name: str = "sampler",
+    check: bool = True,
+) -> torch.Tensor:
     """model(x, t, condition) for step i, checked: shape of x, a floating dtype (cast to x's), and
     (``check``) finite values, so that a network producing NaN is named as the cause, not the solver.
     s is the time, or its ready-made ``time_tensor``."""
@@ -80,8 +90,10 @@ def call_model(model: Model, x: torch.Tensor, s: Union[float, torch.Tensor], con
         raise TypeError(f"model: expected a floating-point output (like x_t, {x.dtype}), got {output.dtype}")
     if check and not bool(torch.isfinite(output).all()):
         time = float(t.reshape(-1)[0]) if t.numel() else float("nan")
-        raise FloatingPointError(f"{name}: the model's output at step {i + 1}/{steps} (t = {time:.4g}) holds NaN or inf; the network "
-                                 f"or its weights produce non-finite values (not a solver problem: more steps will not help)")
+        raise FloatingPointError(
+            f"{name}: the model's output at step {i + 1}/{steps} (t = {time:.4g}) holds NaN or inf; the network "
+            f"or its weights produce non-finite values (not a solver problem: more steps will not help)"
+        )
     if output.dtype != x.dtype:
         output = output.to(x.dtype)
     return output
@@ -98,4 +110,6 @@ def check_state(x: torch.Tensor, limit: float, i: int, steps: int, s: float, t: 
     largest = float(x.abs().max())
     if not math.isfinite(largest) or largest > limit:
         what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"
-        raise FloatingPointError(f"{name}: step {i + 1}/{steps} (t {s:.4g} -> {t:.4g}) produced {what}; the solver diverged (try more steps, prediction='data', or a lower order)")
+        raise FloatingPointError(
+            f"{name}: step {i + 1}/{steps} (t {s:.4g} -> {t:.4g}) produced {what}; the solver diverged (try more steps, prediction='data', or a lower order)"
+        )

@@ -49,7 +49,16 @@ class UnstableSolverWarning(UserWarning):
 MULTISTEP_FORMS = ("heun", "midpoint")
 
 
-def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, s: float, t: float, previous_lams: Sequence[float], multistep: str = "heun"):
+def step_coefficients(
+    solver: str,
+    prediction: str,
+    order: int,
+    sde: LinearSDE,
+    s: float,
+    t: float,
+    previous_lams: Sequence[float],
+    multistep: str = "heun",
+):
     """Coefficients of x_t = A x_s + sum_j W[j] q_j + M mu + N z, q_0 the newest prediction.
 
     previous_lams: lam of the times of q_1, q_2 (as many as order - 1). multistep: the form of a
@@ -227,8 +236,10 @@ class MRSampler:
         callback receives {"i", "t", "x", "x0"} after every step (eager loop only, as is progress).
         """
         if self.loop != "eager" and (callback is not None or progress):
-            raise ValueError(f"callback, progress: expected None and False with loop={self.loop!r} (per-step host work would synchronise "
-                             f"every step), got callback={callback!r}, progress={progress!r}; use loop='eager'")
+            raise ValueError(
+                f"callback, progress: expected None and False with loop={self.loop!r} (per-step host work would synchronise "
+                f"every step), got callback={callback!r}, progress={progress!r}; use loop='eager'"
+            )
         sde = self.sde
         sde.check_mu(mu)
         check_generator(generator)
@@ -243,7 +254,9 @@ class MRSampler:
             self._static = StaticMRSampler(self, graph=self.loop == "graph")
         return self._static.run(model, x, mu, condition, seed)
 
-    def run_eager(self, model: Model, x: torch.Tensor, mu, condition, seed: int, callback=None, progress: bool = False) -> torch.Tensor:
+    def run_eager(
+        self, model: Model, x: torch.Tensor, mu, condition, seed: int, callback=None, progress: bool = False
+    ) -> torch.Tensor:
         """The step-by-step loop from the start x with the noise seed ``seed`` (see ``sample``)."""
         history = deque(maxlen=max(self.order - 1, 1))
         limit = divergence_limit(self.sde, mu)
@@ -297,8 +310,9 @@ class MRSampler:
         """Step i's update as (combination, noise coefficient); history holds (lam, prediction) of
         the previous steps, newest first."""
         s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
-        a, weights, m, noise = step_coefficients(self.solver, self.prediction, self.step_order(i), self.sde, s, t, [lam for lam, _ in history],
-                                                 self.multistep)
+        a, weights, m, noise = step_coefficients(
+            self.solver, self.prediction, self.step_order(i), self.sde, s, t, [lam for lam, _ in history], self.multistep
+        )
         update = Combination([(x, a), (mu, m)])
         for weight, form in zip(weights, [prediction] + [form for _, form in history]):
             update = update + form.scaled(weight)
@@ -316,6 +330,22 @@ class MRSampler:
         return prediction.scaled(c_out) + Combination([(x, c_x), (mu, c_mu)])
 
 
-def sample(model: Model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 10, *, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, device=None, **options) -> torch.Tensor:
+def sample(
+    model: Model,
+    sde: LinearSDE,
+    mu: Optional[torch.Tensor] = None,
+    steps: int = 10,
+    *,
+    x_T=None,
+    generator=None,
+    callback=None,
+    progress=False,
+    shape=None,
+    cond=None,
+    device=None,
+    **options,
+) -> torch.Tensor:
     """One-call form: ``MRSampler(sde, steps, **options).sample(model, mu, ...)``."""
-    return MRSampler(sde, steps, **options).sample(model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond, device=device)
+    return MRSampler(sde, steps, **options).sample(
+        model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond, device=device
+    )

@@ -55,7 +55,9 @@ def _data_and_noise_forms(sde: LinearSDE, t: torch.Tensor, kind: str):
     return data, eps
 
 
-def prediction_coefficients(sde: LinearSDE, t: Time, model_output: str, prediction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prediction_coefficients(
+    sde: LinearSDE, t: Time, model_output: str, prediction: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c_out, c_x, c_mu) with prediction = c_out * output + c_x * x_t + c_mu * mu, float64."""
     check_kind("model_output", model_output)
     check_kind("prediction", prediction, KINDS)
@@ -76,7 +78,15 @@ def prediction_coefficients(sde: LinearSDE, t: Time, model_output: str, predicti
     return (a * eps[0] - b * data[0], a * eps[1] - b * data[1], a * eps[2] - b * data[2] + b)
 
 
-def convert(output: torch.Tensor, model_output: str, prediction: str, sde: LinearSDE, x_t: torch.Tensor, t: Time, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+def convert(
+    output: torch.Tensor,
+    model_output: str,
+    prediction: str,
+    sde: LinearSDE,
+    x_t: torch.Tensor,
+    t: Time,
+    mu: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The ``prediction`` kind of a network output of kind ``model_output`` at (x_t, t)."""
     if output.shape != x_t.shape:
         raise ValueError(f"output: expected shape {tuple(x_t.shape)} (like x_t), got {tuple(output.shape)}")

@@ -27,27 +27,37 @@ def _epoch_order(dataset_size: int, seed: int, epoch: int) -> Tuple[int, ...]:
     return tuple(torch.randperm(dataset_size, generator=generator).tolist())
 
 
-def batch_positions(step: int, batch_size: int, dataset_size: int, seed: int,
-                    rank: int = 0, world_size: int = 1) -> List[Tuple[int, int]]:
+def batch_positions(
+    step: int, batch_size: int, dataset_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> List[Tuple[int, int]]:
     """(index, epoch) of every item that ``rank`` uses at 0-based ``step`` (see module docstring)."""
-    for name, value, minimum in (("step", step, 0), ("batch_size", batch_size, 1), ("dataset_size", dataset_size, 1),
-                                 ("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
+    for name, value, minimum in (
+        ("step", step, 0),
+        ("batch_size", batch_size, 1),
+        ("dataset_size", dataset_size, 1),
+        ("seed", seed, 0),
+        ("rank", rank, 0),
+        ("world_size", world_size, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
             raise ValueError(f"batch_positions: {name} must be an integer >= {minimum}, got {value!r}")
     if rank >= world_size or batch_size % world_size:
-        raise ValueError(f"batch_positions: expected rank < world_size and batch_size a multiple of world_size, "
-                         f"got rank {rank}, world_size {world_size}, batch_size {batch_size}")
+        raise ValueError(
+            f"batch_positions: expected rank < world_size and batch_size a multiple of world_size, "
+            f"got rank {rank}, world_size {world_size}, batch_size {batch_size}"
+        )
     local = batch_size // world_size
     start = step * batch_size + rank * local
-    return [(_epoch_order(dataset_size, seed, position // dataset_size)[position % dataset_size],
-             position // dataset_size) for position in range(start, start + local)]
+    return [
+        (_epoch_order(dataset_size, seed, position // dataset_size)[position % dataset_size], position // dataset_size)
+        for position in range(start, start + local)
+    ]
 
 
 class StepBatches(Sampler):
     """Yields, for steps start..stop-1, this rank's list of (index, epoch) item positions."""
 
-    def __init__(self, start: int, stop: int, batch_size: int, dataset_size: int, seed: int,
-                 rank: int, world_size: int):
+    def __init__(self, start: int, stop: int, batch_size: int, dataset_size: int, seed: int, rank: int, world_size: int):
         self.start, self.stop = start, stop
         self.arguments = (batch_size, dataset_size, seed, rank, world_size)
 
@@ -78,12 +88,19 @@ class PositionedItems(Dataset):
 
 
 def check_item(item, index) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(
-            isinstance(part, torch.Tensor) and part.is_floating_point() for part in item):
-        found = type(item).__name__ if not isinstance(item, (tuple, list)) else \
-            f"{type(item).__name__} of {[type(p).__name__ for p in item]}"
-        raise TypeError(f"dataset[{index}]: expected a pair (x, y) of float tensors [C, H, W] "
-                        f"(e.g. ConditionalPairs items), got {found}")
+    if (
+        not isinstance(item, (tuple, list))
+        or len(item) != 2
+        or not all(isinstance(part, torch.Tensor) and part.is_floating_point() for part in item)
+    ):
+        found = (
+            type(item).__name__
+            if not isinstance(item, (tuple, list))
+            else f"{type(item).__name__} of {[type(p).__name__ for p in item]}"
+        )
+        raise TypeError(
+            f"dataset[{index}]: expected a pair (x, y) of float tensors [C, H, W] (e.g. ConditionalPairs items), got {found}"
+        )
     return item[0], item[1]
 
 

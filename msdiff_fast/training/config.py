@@ -16,8 +16,20 @@ AMP_MODES = ("none", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for")
 # Config fields that only steer bookkeeping: changing them on resume is expected, not worth a warning.
-BOOKKEEPING_FIELDS = ("steps", "log_every", "preview_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                      "device", "num_workers", "progress", "compile", "channels_last", "optimizer_impl")
+BOOKKEEPING_FIELDS = (
+    "steps",
+    "log_every",
+    "preview_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "out_dir",
+    "device",
+    "num_workers",
+    "progress",
+    "compile",
+    "channels_last",
+    "optimizer_impl",
+)
 
 
 def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -115,8 +127,7 @@ class TrainConfig:
         try:
             torch.device("cpu" if self.device == "auto" else self.device)
         except RuntimeError as err:
-            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
-                             f"got {self.device!r}") from err
+            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from err
         if self.amp == "fp16" and self.device == "cpu":
             raise ValueError("TrainConfig.amp: 'fp16' needs a GPU (GradScaler); on the CPU use 'bf16' or 'none'")
         check_int(self.num_workers, "TrainConfig.num_workers", 0)
@@ -145,5 +156,11 @@ def make_adam(parameters, config: TrainConfig, device: torch.device) -> torch.op
     if impl == "auto":
         # torch picks foreach on CUDA and for on a CPU; its fused kernels are faster on both
         impl = "fused" if device.type in ("cpu", "cuda") else None
-    return torch.optim.Adam(parameters, lr=config.lr_at(0), betas=config.betas, eps=1e-8, fused=impl == "fused" or None,
-                            foreach={"foreach": True, "for": False}.get(impl))
+    return torch.optim.Adam(
+        parameters,
+        lr=config.lr_at(0),
+        betas=config.betas,
+        eps=1e-8,
+        fused=impl == "fused" or None,
+        foreach={"foreach": True, "for": False}.get(impl),
+    )

@@ -11,15 +11,16 @@ from .photos import TRAINING_PHOTOS, load_photos
 DATA_SOURCES = ("synthetic", "photos")
 
 
-def training_images(data: Optional[str], spec, seed: int, synthetic_count: int = 4096, resize: bool = False,
-                    downscale: int = 4):
+def training_images(data: Optional[str], spec, seed: int, synthetic_count: int = 4096, resize: bool = False, downscale: int = 4):
     """The clean training images of ``--data`` at ``spec.image_size`` with ``spec.channels``:
     synthetic (the default), photos (scikit-image's photographs, downscaled, random patches at
     their own resolution) or a folder (random patches)."""
     if data is None or data == "synthetic":
         return SyntheticImages(synthetic_count, spec.image_size, spec.channels, seed=seed)
     if data in DATA_SOURCES and Path(data).exists():
-        raise UsageError(f"--data {data}: ambiguous, it names both a data source and a folder here; write ./{data} for the folder", 2)
+        raise UsageError(
+            f"--data {data}: ambiguous, it names both a data source and a folder here; write ./{data} for the folder", 2
+        )
     if downscale < 1:
         raise UsageError(f"--downscale: expected an integer >= 1, got {downscale}", 2)
     if data == "photos":

@@ -77,9 +77,7 @@ def task_options(task: str, given: Mapping, estimator: Optional[str] = None) -> 
     if "hole_fraction" in options and not 0 < options["hole_fraction"] < 1:
         raise UsageError(f"--hole-fraction: expected a number in (0, 1), got {options['hole_fraction']}", 2)
     if "noise_sigma" in options and not options["noise_sigma"] > 0:
-        raise UsageError(
-            f"--noise-sigma: expected a positive number (0-255 scale), got {options['noise_sigma']}", 2
-        )
+        raise UsageError(f"--noise-sigma: expected a positive number (0-255 scale), got {options['noise_sigma']}", 2)
     if "quality" in options and not 1 <= options["quality"] <= 100:
         raise UsageError(f"--quality: expected an integer in 1..100, got {options['quality']}", 2)
     return options
@@ -106,6 +104,4 @@ def upsample_condition(low_resolution: torch.Tensor, scale: int, mode: str = "ne
     if mode == "nearest":
         return low_resolution.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     size = (low_resolution.shape[-2] * scale, low_resolution.shape[-1] * scale)
-    return torch.nn.functional.interpolate(low_resolution[None], size=size, mode="bicubic", align_corners=False)[
-        0
-    ].clamp(0, 1)
+    return torch.nn.functional.interpolate(low_resolution[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)

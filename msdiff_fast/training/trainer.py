@@ -15,6 +15,7 @@ Reproducibility without hidden state: everything random in step k is a function 
 
 So a resumed run repeats the uninterrupted one bit for bit, and no RNG state is checkpointed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -93,24 +94,32 @@ class Trainer:
     trainer as a context manager) to tear down a process group it created.
     """
 
-    def __init__(self, model: torch.nn.Module, estimator, dataset: Dataset, config: TrainConfig,
-                 preview: Optional[Callable[[Trainer, int], None]] = None,
-                 description: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        estimator,
+        dataset: Dataset,
+        config: TrainConfig,
+        preview: Optional[Callable[[Trainer, int], None]] = None,
+        description: Optional[Mapping[str, Any]] = None,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        missing = [name for name in ("loss", "on_step", "state_dict", "load_state_dict")
-                   if not callable(getattr(estimator, name, None))]
+        missing = [
+            name for name in ("loss", "on_step", "state_dict", "load_state_dict") if not callable(getattr(estimator, name, None))
+        ]
         if missing or not isinstance(getattr(estimator, "name", None), str):
-            raise TypeError(f"estimator: expected an object with loss, on_step, state_dict, load_state_dict "
-                            f"and a str name (e.g. msdiff_fast.estimators.CMDE), got {type(estimator).__name__} "
-                            f"lacking {missing or ['name']}")
+            raise TypeError(
+                f"estimator: expected an object with loss, on_step, state_dict, load_state_dict "
+                f"and a str name (e.g. msdiff_fast.estimators.CMDE), got {type(estimator).__name__} "
+                f"lacking {missing or ['name']}"
+            )
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         if preview is not None and not callable(preview):
             raise TypeError(f"preview: expected a callable preview(trainer, step) or None, got {type(preview).__name__}")
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"dataset: expected a map-style data set with __len__ and __getitem__, "
-                            f"got {type(dataset).__name__}")
+            raise TypeError(f"dataset: expected a map-style data set with __len__ and __getitem__, got {type(dataset).__name__}")
         if len(dataset) == 0:
             raise ValueError("dataset: expected at least one item, got an empty data set")
         self.description = check_description(description)
@@ -118,12 +127,14 @@ class Trainer:
 
         self.rank, self.local_rank, self.world_size = distributed_env()
         if config.batch_size % self.world_size:
-            raise ValueError(f"TrainConfig.batch_size: expected a multiple of the world size {self.world_size}, "
-                             f"got {config.batch_size}")
+            raise ValueError(
+                f"TrainConfig.batch_size: expected a multiple of the world size {self.world_size}, got {config.batch_size}"
+            )
         self.device = _resolve_device(config.device, self.local_rank, self.world_size)
         if config.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"TrainConfig.amp: 'fp16' needs a CUDA device, the trainer runs on {self.device}; "
-                             f"use 'bf16' or 'none'")
+            raise ValueError(
+                f"TrainConfig.amp: 'fp16' needs a CUDA device, the trainer runs on {self.device}; use 'bf16' or 'none'"
+            )
         with torch.random.fork_rng(devices=[]):
             check_item(PositionedItems(dataset, config.seed)[(0, 0)], 0)
 
@@ -136,8 +147,11 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.network = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                else None) if self.world_size > 1 else self.model)
+        self.network = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world_size > 1
+            else self.model
+        )
         if config.compile:
             self.network = torch.compile(self.network)
         # Copied after the DDP wrap, which broadcast rank 0's weights, so every rank's EMA agrees.
@@ -168,11 +182,21 @@ class Trainer:
             if not all(torch.isfinite(p).all() for p in module.parameters()):
                 raise FloatingPointError(f"refusing to checkpoint step {self.step}: the {name} weights hold NaN/inf")
         path = save_checkpoint(
-            self.checkpoint_dir, self.step, self.model, self.ema,
+            self.checkpoint_dir,
+            self.step,
+            self.model,
+            self.ema,
             {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
-            {"estimator": self.estimator.state_dict(), "config": dataclasses.asdict(self.config),
-             "seconds": self.seconds, "world_size": self.world_size, "torch_version": str(torch.__version__)},
-            self.description, self.estimator.name)
+            {
+                "estimator": self.estimator.state_dict(),
+                "config": dataclasses.asdict(self.config),
+                "seconds": self.seconds,
+                "world_size": self.world_size,
+                "torch_version": str(torch.__version__),
+            },
+            self.description,
+            self.estimator.name,
+        )
         prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
@@ -184,8 +208,10 @@ class Trainer:
         state = read_state(directory)
         check_same_description(state["description"], self.description, where)
         if state["estimator_name"] != self.estimator.name:
-            raise ValueError(f"checkpoint {where} was trained with estimator {state['estimator_name']!r}, "
-                             f"this trainer uses {self.estimator.name!r}")
+            raise ValueError(
+                f"checkpoint {where} was trained with estimator {state['estimator_name']!r}, "
+                f"this trainer uses {self.estimator.name!r}"
+            )
         weights = read_weights(directory, ema=False, description=self.description)
         ema_weights = read_weights(directory, ema=True, description=self.description)
         check_compatible(weights, self.model, where)
@@ -195,11 +221,17 @@ class Trainer:
         own_groups = self.optimizer.param_groups
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
             raise ValueError(f"checkpoint {where}: optimizer parameter groups do not match this model")
-        changed = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
-                   if k not in BOOKKEEPING_FIELDS and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)}
+        changed = {
+            k: (v, getattr(self.config, k))
+            for k, v in state["config"].items()
+            if k not in BOOKKEEPING_FIELDS and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)
+        }
         if changed and self.is_main:
-            warnings.warn(f"resuming {where} with changed settings (checkpoint -> now): "
-                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
+            warnings.warn(
+                f"resuming {where} with changed settings (checkpoint -> now): "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+                stacklevel=3,
+            )
         self.model.load_state_dict(weights)
         self.ema.load_state_dict(ema_weights)
         self.optimizer.load_state_dict(optimizer_state["optimizer"])
@@ -212,8 +244,10 @@ class Trainer:
         existing = latest_checkpoint(self.checkpoint_dir)
         if resume is False:
             if existing is not None:
-                raise ValueError(f"resume: {self.out_dir} already holds checkpoints ({existing.name}); pass "
-                                 f"resume=True to continue that run or choose another out_dir")
+                raise ValueError(
+                    f"resume: {self.out_dir} already holds checkpoints ({existing.name}); pass "
+                    f"resume=True to continue that run or choose another out_dir"
+                )
             return None
         if resume is True:
             if existing is None:
@@ -254,14 +288,23 @@ class Trainer:
         on_cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if on_cuda else [], device_type="cuda"):
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, step, self.rank))
-            with torch.autocast(self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16,
-                                enabled=config.amp != "none"):
-                loss = self.estimator.loss(self.network, x0, y0, generator=generator, step=step,
-                                           offset_samples=self.rank * self.local_batch,
-                                           global_batch=config.batch_size)
+            with torch.autocast(
+                self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16, enabled=config.amp != "none"
+            ):
+                loss = self.estimator.loss(
+                    self.network,
+                    x0,
+                    y0,
+                    generator=generator,
+                    step=step,
+                    offset_samples=self.rank * self.local_batch,
+                    global_batch=config.batch_size,
+                )
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-            raise TypeError(f"estimator.loss: expected a scalar tensor that requires grad, got "
-                            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+            raise TypeError(
+                f"estimator.loss: expected a scalar tensor that requires grad, got "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+            )
         self.scaler.scale(loss).backward()
         grad_norm = None
         if config.grad_clip is not None:
@@ -286,11 +329,15 @@ class Trainer:
 
     def _loader(self, start: int) -> DataLoader:
         config = self.config
-        sampler = StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed,
-                               self.rank, self.world_size)
-        return DataLoader(PositionedItems(self.dataset, config.seed), batch_sampler=sampler, collate_fn=collate,
-                          num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        sampler = StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed, self.rank, self.world_size)
+        return DataLoader(
+            PositionedItems(self.dataset, config.seed),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def fit(self, resume: Union[bool, str, PathLike] = False) -> Trainer:
         """Train up to ``config.steps`` optimizer steps; return self.
@@ -312,14 +359,20 @@ class Trainer:
         window_finite = torch.zeros((), device=self.device)
         window_steps, window_seconds = 0, 0.0
         grad_norm = None
-        progress = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=not (config.progress and self.is_main))
+        progress = tqdm(
+            total=config.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (config.progress and self.is_main),
+        )
         try:
             tick = time.perf_counter()
             for x0, y0 in self._loader(self.step):
                 step = self.step
-                loss, grad_norm = self._train_step(step, x0.to(self.device, non_blocking=True),
-                                                   y0.to(self.device, non_blocking=True))
+                loss, grad_norm = self._train_step(
+                    step, x0.to(self.device, non_blocking=True), y0.to(self.device, non_blocking=True)
+                )
                 finite = torch.isfinite(loss)
                 window_loss += torch.where(finite, loss, torch.zeros_like(loss))
                 window_finite += finite.float()
@@ -327,8 +380,9 @@ class Trainer:
                 self.step = step + 1
                 progress.update(1)
                 logging = self.step % config.log_every == 0 or self.step == config.steps
-                checkpointing = (config.checkpoint_every and self.step % config.checkpoint_every == 0) \
-                    or self.step == config.steps
+                checkpointing = (
+                    config.checkpoint_every and self.step % config.checkpoint_every == 0
+                ) or self.step == config.steps
                 if logging or checkpointing:
                     totals = self._check_finite(window_loss, window_finite, window_steps)
                 # Wall time of training proper (data included, previews and checkpoints not); on a
@@ -341,8 +395,7 @@ class Trainer:
                     window_loss.zero_()
                     window_finite.zero_()
                     window_steps, window_seconds = 0, 0.0
-                if self.preview is not None and config.preview_every and self.step % config.preview_every == 0 \
-                        and self.is_main:
+                if self.preview is not None and config.preview_every and self.step % config.preview_every == 0 and self.is_main:
                     self.preview(self, self.step)
                     self.model.train()
                     self.ema.eval()
@@ -355,8 +408,7 @@ class Trainer:
             self.save()  # resumed at or past the target: still leave a checkpoint behind
         return self
 
-    def _check_finite(self, window_loss: torch.Tensor, window_finite: torch.Tensor,
-                      window_steps: int) -> Tuple[float, float]:
+    def _check_finite(self, window_loss: torch.Tensor, window_finite: torch.Tensor, window_steps: int) -> Tuple[float, float]:
         """(sum of finite losses, number of finite losses) of the window over all ranks. Raises on
         NaN/inf losses (under fp16 only when every step overflowed: the GradScaler skips those)."""
         totals = torch.stack([window_loss, window_finite])
@@ -368,19 +420,31 @@ class Trainer:
             raise FloatingPointError(
                 f"loss was NaN/inf in {expected - finite_count:.0f} of the last {window_steps} steps (at or "
                 f"before step {self.step}): training diverged; lower lr, keep grad_clip, or use amp='none'; "
-                f"the last good checkpoint is {latest_checkpoint(self.checkpoint_dir)}")
+                f"the last good checkpoint is {latest_checkpoint(self.checkpoint_dir)}"
+            )
         return loss_sum, finite_count
 
-    def _log(self, step: int, totals: Tuple[float, float], window_steps: int, window_seconds: float,
-             grad_norm: Optional[torch.Tensor], progress) -> None:
+    def _log(
+        self,
+        step: int,
+        totals: Tuple[float, float],
+        window_steps: int,
+        window_seconds: float,
+        grad_norm: Optional[torch.Tensor],
+        progress,
+    ) -> None:
         loss_sum, finite_count = totals
         clipped_norm = self._grad_norm_now()
-        record = {"step": self.step, "loss": loss_sum / max(finite_count, 1), "lr": self.config.lr_at(step),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else clipped_norm,
-                  "grad_norm_clipped": clipped_norm,
-                  "nonfinite_steps": int(window_steps * self.world_size - finite_count),
-                  "samples_per_second": window_steps * self.config.batch_size / max(window_seconds, 1e-9),
-                  "seconds": self.seconds}
+        record = {
+            "step": self.step,
+            "loss": loss_sum / max(finite_count, 1),
+            "lr": self.config.lr_at(step),
+            "grad_norm": float(grad_norm) if grad_norm is not None else clipped_norm,
+            "grad_norm_clipped": clipped_norm,
+            "nonfinite_steps": int(window_steps * self.world_size - finite_count),
+            "samples_per_second": window_steps * self.config.batch_size / max(window_seconds, 1e-9),
+            "seconds": self.seconds,
+        }
         record.update({k: v for k, v in _scalars(self.estimator.state_dict()).items() if k not in record})
         self.last_metrics = record
         if self.is_main:
@@ -404,9 +468,17 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def train(model: torch.nn.Module, estimator, dataset: Dataset, config: Optional[TrainConfig] = None, *,
-          preview: Optional[Callable[[Trainer, int], None]] = None, description: Optional[Mapping[str, Any]] = None,
-          resume: Union[bool, str, PathLike] = False, **settings) -> Trainer:
+def train(
+    model: torch.nn.Module,
+    estimator,
+    dataset: Dataset,
+    config: Optional[TrainConfig] = None,
+    *,
+    preview: Optional[Callable[[Trainer, int], None]] = None,
+    description: Optional[Mapping[str, Any]] = None,
+    resume: Union[bool, str, PathLike] = False,
+    **settings,
+) -> Trainer:
     """Build a Trainer (``settings`` override fields of ``config``, or build one), fit, close it."""
     if config is None:
         config = TrainConfig(**settings)
