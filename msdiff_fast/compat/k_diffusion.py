@@ -86,7 +86,8 @@ class KDiffusionDenoiser:
         low, high = self.sigma_min * (1 - 1e-6), self.sigma_max * (1 + 1e-6)
         if not bool(torch.isfinite(sigma64).all()) or bool((sigma64 < low).any()) or bool((sigma64 > high).any()):
             raise ValueError(
-                f"sigma: expected noise levels in [sigma_min, sigma_max] = [{self.sigma_min:.6g}, {self.sigma_max:.6g}] of {self.sde!r}, got {sigma64.min().item():.6g} .. {sigma64.max().item():.6g}"
+                f"sigma: expected noise levels in [sigma_min, sigma_max] = [{self.sigma_min:.6g}, {self.sigma_max:.6g}] of "
+                f"{self.sde!r}, got {sigma64.min().item():.6g} .. {sigma64.max().item():.6g}"
             )
         t = self.sde.t_of_lam(-torch.log(sigma64)).clamp(0, self.sde.T)
         shape = (-1,) + (1,) * (x.ndim - 1)

@@ -136,7 +136,11 @@ class DropInMRSampler:
         self.set_timesteps(num_sample_steps)
 
     def __repr__(self):
-        return f"DropInMRSampler({self.schedule!r}, steps={len(self.timesteps) - 1}, solver_type={self.solver_type!r}, order={self.order}, parameterization={self.parameterization!r}, fit_target={self.fit_target!r}, time_schedule={self.time_schedule!r})"
+        return (
+            f"DropInMRSampler({self.schedule!r}, steps={len(self.timesteps) - 1}, solver_type={self.solver_type!r}, "
+            f"order={self.order}, parameterization={self.parameterization!r}, fit_target={self.fit_target!r}, "
+            f"time_schedule={self.time_schedule!r})"
+        )
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """The official time grids (Table 2 of arXiv 2305.08891 plus uniform log-SNR), in float64."""
@@ -178,7 +182,8 @@ class DropInMRSampler:
         times = times.to(torch.float64)
         if times.numel() < 2 or bool((times[1:] >= times[:-1]).any()) or float(times[-1]) < 0 or float(times[0]) > sde.T:
             raise ValueError(
-                f"num_inference_steps: time_schedule {kind!r} with {steps} steps (offset {self.timestep_offset}) gives no strictly decreasing grid in [0, {sde.T}]: {times.tolist()}"
+                f"num_inference_steps: time_schedule {kind!r} with {steps} steps (offset {self.timestep_offset}) gives no "
+                f"strictly decreasing grid in [0, {sde.T}]: {times.tolist()}"
             )
         inside_first_cell = (times > 0) & (times < 1)
         if math.isinf(float(grid_lam[0])) and bool(inside_first_cell.any()):
@@ -247,7 +252,8 @@ class DropInMRSampler:
         """
         if not isinstance(cond, torch.Tensor) or not cond.is_floating_point() or cond.ndim != 4:
             raise ValueError(
-                f"cond: expected the degraded images as a float tensor [B, C, H, W], got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else (cond.dtype, tuple(cond.shape))}"
+                "cond: expected the degraded images as a float tensor [B, C, H, W], got "
+                f"{type(cond).__name__ if not isinstance(cond, torch.Tensor) else (cond.dtype, tuple(cond.shape))}"
             )
         if savedir is not None and cond.shape[1] not in (1, 3):
             raise ValueError(f"savedir: saving states needs 1- or 3-channel images, got cond with {cond.shape[1]} channels")

@@ -176,7 +176,13 @@ def write_report(
         f"- Training: tiny U-Net preset, Adam lr {settings.lr:g} (warm-up {settings.warmup}), batch {settings.batch_size},"
         f" {settings.train_steps} steps per model, {'bfloat16 autocast' if settings.amp == 'bf16' else 'float32'},"
         f" EMA 0.999 (warmed up); samples use the EMA weights in float32.",
-        f"- Processes: {'the models were trained and evaluated in ' + str(workers) + ' worker processes, one thread each (timings are measured under that load)' if workers > 1 else 'one process, the models one after the other'}.",
+        "- Processes: "
+        + (
+            f"the models were trained and evaluated in {workers} worker processes, one thread each (timings are measured under that load)"
+            if workers > 1
+            else "one process, the models one after the other"
+        )
+        + ".",
         "- Restoration: whole images; the sampler's state and noise cover the whole image and only the network is evaluated"
         f" on overlapping {settings.image_size}px tiles (overlap {settings.image_size // 4}), blended (`msdiff_fast.tiling.TiledNetwork`).",
     ]

@@ -201,7 +201,10 @@ class MRSampler:
 
     def __repr__(self):
         form = f", multistep={self.multistep!r}" if self.multistep != "heun" else ""
-        return f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, prediction={self.prediction!r}, model_output={self.model_output!r}{form})"
+        return (
+            f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, "
+            f"prediction={self.prediction!r}, model_output={self.model_output!r}{form})"
+        )
 
     @property
     def nfe(self) -> int:
