@@ -58,7 +58,7 @@ def _find_nvcc():
 
 
 def _cuda_architectures(value: str) -> str:
-    """"80;90" -> CMake's "80-real;90": SASS for every arch, PTX for the newest as well."""
+    """ "80;90" -> CMake's "80-real;90": SASS for every arch, PTX for the newest as well."""
     archs = sorted({a.strip() for a in value.replace(",", ";").split(";") if a.strip()}, key=lambda a: int(a.rstrip("a")))
     if not archs or not all(a.rstrip("a").isdigit() for a in archs):
         raise ValueError(f"MSDIFF_FAST_CUDA_ARCHS: expected numbers such as '80;90', got {value!r}")

@@ -57,7 +57,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_model  # noqa: E402
+from machine import device_name, synchronize  # noqa: E402
+
 from msdiff_fast.ops import compiled, mr_step, noise_inject, weighted_score_loss  # noqa: E402
 from msdiff_fast.ops.dispatch import reason_unavailable  # noqa: E402
 
@@ -88,7 +89,9 @@ def mr_step_case(shape, dtype, device, noise: bool, backends):
             out = out + cn * torch.randn_like(x)
         return out
 
-    providers = {f"fused[{b}]": (lambda b=b: mr_step(x, [t1, t2], coefs, noise_coef, seed=1, offset=2, backend=b)) for b in backends}
+    providers = {
+        f"fused[{b}]": (lambda b=b: mr_step(x, [t1, t2], coefs, noise_coef, seed=1, offset=2, backend=b)) for b in backends
+    }
     providers["eager"] = lambda: eager(x, t1, t2)
     compiled_eager = torch.compile(eager)
     providers["compile"] = lambda: compiled_eager(x, t1, t2)
@@ -107,7 +110,9 @@ def noise_inject_case(shape, dtype, device, backends):
     def eager(x0, y0):
         return torch.cat([a * x0 + s * torch.randn_like(x0), a_y * y0 + s_y * torch.randn_like(y0)], dim=1)
 
-    providers = {f"fused[{b}]": (lambda b=b: noise_inject(x0, x_coefs, y0, y_coefs, seed=1, out=buffer, backend=b)) for b in backends}
+    providers = {
+        f"fused[{b}]": (lambda b=b: noise_inject(x0, x_coefs, y0, y_coefs, seed=1, out=buffer, backend=b)) for b in backends
+    }
     providers["eager"] = lambda: eager(x0, y0)
     compiled_eager = torch.compile(eager)
     providers["compile"] = lambda: compiled_eager(x0, y0)
@@ -132,12 +137,15 @@ def loss_case(shape, dtype, device, backward: bool, backends):
             if backward:
                 loss.sum().backward()
             return loss
+
         return step
 
     providers = {}
     for b in backends:
         providers[f"fused[{b}]"] = run(lambda b=b: weighted_score_loss(output, coefs, seed=1, reduction="sum", backend=b))
-        providers[f"fused[{b}], stored noise"] = run(lambda b=b: weighted_score_loss(output, coefs, noise=noise, reduction="sum", backend=b))
+        providers[f"fused[{b}], stored noise"] = run(
+            lambda b=b: weighted_score_loss(output, coefs, noise=noise, reduction="sum", backend=b)
+        )
     providers["eager"] = run(lambda: eager_loss(output, noise))
     compiled_eager = torch.compile(eager_loss)
     providers["compile"] = run(lambda: compiled_eager(output, noise))
@@ -148,11 +156,6 @@ def loss_case(shape, dtype, device, backward: bool, backends):
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # Calls per timed sample on CUDA: launched back to back between two events, so the sample is the
@@ -229,7 +232,9 @@ def measure(cases, device, repeats, warmup):
                 for _ in range(warmup):
                     fn()
             except Exception as error:
-                rows.append(dict(op=name, provider=provider, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"))
+                rows.append(
+                    dict(op=name, provider=provider, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+                )
             else:
                 runnable[provider] = fn
         times = {p: [] for p in runnable}
@@ -240,9 +245,13 @@ def measure(cases, device, repeats, warmup):
             samples = sorted(times[provider])
             median = statistics.median(samples)
             row = dict(
-                op=name, provider=provider, median_ms=1e3 * median,
-                p20_ms=1e3 * samples[int(0.2 * (len(samples) - 1))], p80_ms=1e3 * samples[int(0.8 * (len(samples) - 1))],
-                peak_mib=peak_bytes(fn, device) / 2**20, note="",
+                op=name,
+                provider=provider,
+                median_ms=1e3 * median,
+                p20_ms=1e3 * samples[int(0.2 * (len(samples) - 1))],
+                p80_ms=1e3 * samples[int(0.8 * (len(samples) - 1))],
+                peak_mib=peak_bytes(fn, device) / 2**20,
+                note="",
             )
             if device == "cuda":
                 kernels = kernel_seconds(fn)
@@ -252,18 +261,24 @@ def measure(cases, device, repeats, warmup):
         for row in rows:
             if row["op"] == name and "median_ms" in row:
                 row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-        print(f"{name}: " + ", ".join(f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows if r["op"] == name and "median_ms" in r), flush=True)
+        print(
+            f"{name}: "
+            + ", ".join(f"{r['provider']} {r['median_ms']:.3f} ms" for r in rows if r["op"] == name and "median_ms" in r),
+            flush=True,
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
-def device_name(device) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    kernels = f", msdiff_fast._C kernels: {compiled._C.instruction_set()} on {compiled._C.thread_pool()} threads" if compiled._C is not None else ""
-    return f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}{kernels})"
+def describe_device(device) -> str:
+    kernels = (
+        f", msdiff_fast._C kernels: {compiled._C.instruction_set()} on {compiled._C.thread_pool()} threads"
+        if compiled._C is not None
+        else ""
+    )
+    return device_name(device, extra=kernels)
 
 
 # glibc: serve every allocation below 1 GiB from the heap, never trim it, grow it 256 MiB at a time.
@@ -274,19 +289,43 @@ def write_results(rows, args, device, copy_bytes_per_s):
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     context = dict(
-        device=device_name(device), torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
-        shape="x".join(map(str, args.shape)), dtype=args.dtype,
-        load_average=" ".join(f"{v:.2f}" for v in os.getloadavg()), command=" ".join(sys.argv),
+        device=describe_device(device),
+        torch=torch.__version__,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        shape="x".join(map(str, args.shape)),
+        dtype=args.dtype,
+        load_average=" ".join(f"{v:.2f}" for v in os.getloadavg()),
+        command=" ".join(sys.argv),
     )
     if device == "cpu":
-        context["malloc"] = "retained (" + " ".join(f"{k}={v}" for k, v in RETAINED_MALLOC.items()) + ")" if args.malloc == "retained" else "glibc defaults"
+        context["malloc"] = (
+            "retained (" + " ".join(f"{k}={v}" for k, v in RETAINED_MALLOC.items()) + ")"
+            if args.malloc == "retained"
+            else "glibc defaults"
+        )
     if copy_bytes_per_s:
         context["copy_gbps"] = f"{copy_bytes_per_s / 1e9:.1f}"
         for row in rows:
             if "gbps" in row:
                 row["bandwidth_fraction"] = row["gbps"] * 1e9 / copy_bytes_per_s
-    columns = ["op", "provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "peak_mib", "kernel_ms", "gbps", "bandwidth_fraction", "note"]
-    stem = f"ops_{device}" + (f"_threads{args.threads}" if args.threads is not None else "") + ("_retained" if args.malloc == "retained" else "")
+    columns = [
+        "op",
+        "provider",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "speedup_vs_eager",
+        "peak_mib",
+        "kernel_ms",
+        "gbps",
+        "bandwidth_fraction",
+        "note",
+    ]
+    stem = (
+        f"ops_{device}"
+        + (f"_threads{args.threads}" if args.threads is not None else "")
+        + ("_retained" if args.malloc == "retained" else "")
+    )
     csv_path = results / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(context) + columns)
@@ -295,8 +334,12 @@ def write_results(rows, args, device, copy_bytes_per_s):
             writer.writerow({**context, **{c: row.get(c, "") for c in columns}})
     lines = [f"# Fused ops vs PyTorch on {device}", ""]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in context.items()]
-    lines += ["", "Times are medians (20th-80th percentile) over round-robin repeats; speedup = eager median / "
-              "this median; peak = bytes allocated during one call above what existed before.", ""]
+    lines += [
+        "",
+        "Times are medians (20th-80th percentile) over round-robin repeats; speedup = eager median / "
+        "this median; peak = bytes allocated during one call above what existed before.",
+        "",
+    ]
     header = "| op | provider | median ms (p20-p80) | speedup vs eager | peak MiB |"
     rule = "|---|---|---|---|---|"
     if copy_bytes_per_s:
@@ -307,8 +350,10 @@ def write_results(rows, args, device, copy_bytes_per_s):
         if "median_ms" not in row:
             lines.append(f"| {row['op']} | {row['provider']} | {row['note']} | | |" + (" | | |" if copy_bytes_per_s else ""))
             continue
-        line = (f"| {row['op']} | {row['provider']} | {row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f}) | "
-                f"{row['speedup_vs_eager']:.2f}x | {row['peak_mib']:.1f} |")
+        line = (
+            f"| {row['op']} | {row['provider']} | {row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f}) | "
+            f"{row['speedup_vs_eager']:.2f}x | {row['peak_mib']:.1f} |"
+        )
         if copy_bytes_per_s:
             line += f" {row['kernel_ms']:.3f} | {row['gbps']:.0f} | {100 * row['bandwidth_fraction']:.0f}% |"
         lines.append(line)
@@ -320,13 +365,21 @@ def write_results(rows, args, device, copy_bytes_per_s):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 3, 160, 160),
-                        help="B,C,H,W of x (y, terms and the network output have the same shape)")
+    parser.add_argument(
+        "--shape",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        default=(16, 3, 160, 160),
+        help="B,C,H,W of x (y, terms and the network output have the same shape)",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    parser.add_argument("--malloc", choices=("default", "retained"), default="default",
-                        help="CPU: 'retained' re-runs with glibc keeping freed memory (no page faults; see above)")
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "retained"),
+        default="default",
+        help="CPU: 'retained' re-runs with glibc keeping freed memory (no page faults; see above)",
+    )
     args = parser.parse_args()
     if args.malloc == "retained":
         if args.device != "cpu":

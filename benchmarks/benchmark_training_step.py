@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
 
-from machine import cpu_model  # noqa: E402
+from machine import device_name  # noqa: E402
+from test_estimators import plain_conditional_loss  # noqa: E402
+
 from msdiff_fast.estimators import CMDE  # noqa: E402
 from msdiff_fast.models import unet_preset  # noqa: E402
-from msdiff_fast.training.trainer import TrainConfig, make_adam  # noqa: E402
-from test_estimators import plain_conditional_loss  # noqa: E402
+from msdiff_fast.training.config import TrainConfig, make_adam  # noqa: E402
 
 PAPER = "celeba_sr_x8_160"
 # provider -> (loss, TrainConfig switches); None as optimizer_impl: torch's default Adam
@@ -106,7 +107,9 @@ def eager_loss(est: CMDE, model, x0, y0, generator):
     x_sde, y_sde = est.sde.x, est.sde.y
     weight_x = (x_sde.g2(t) / x_sde.sigma(t) ** 2).float()
     weight_y = (y_sde.g2(t) / y_sde.sigma(t) ** 2).float()
-    return plain_conditional_loss(model, x0, y0, t.float(), z_x, z_y, x_sde.sigma(t).float(), y_sde.sigma(t).float(), weight_x, weight_y)
+    return plain_conditional_loss(
+        model, x0, y0, t.float(), z_x, z_y, x_sde.sigma(t).float(), y_sde.sigma(t).float(), weight_x, weight_y
+    )
 
 
 def _rss_peak_mib() -> float:
@@ -137,8 +140,11 @@ def run_one(config: dict) -> dict:
     if switches["optimizer_impl"] is None:
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     else:
-        optimizer = make_adam(model.parameters(), TrainConfig(steps=1, batch_size=batch, warmup=0, optimizer_impl=switches["optimizer_impl"]),
-                              torch.device(device))
+        optimizer = make_adam(
+            model.parameters(),
+            TrainConfig(steps=1, batch_size=batch, warmup=0, optimizer_impl=switches["optimizer_impl"]),
+            torch.device(device),
+        )
     amp = switches.get("amp", "none")
     est = CMDE.for_images((3, size, size), (3, size, size))
     x0 = torch.rand(batch, 3, size, size, device=device)
@@ -187,13 +193,6 @@ def run_one(config: dict) -> dict:
     }
 
 
-def device_name(device: str, threads: int) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    threads = threads or torch.get_num_threads()
-    return f"{cpu_model()} ({os.cpu_count()} cores, {threads} torch threads)"
-
-
 def write_results(rows, device: str, threads: int, command: str, load_at_start: float) -> None:
     header = {
         "device_name": device_name(device, threads),
@@ -204,8 +203,21 @@ def write_results(rows, device: str, threads: int, command: str, load_at_start: 
     }
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    fields = ["network", "size", "batch", "provider", "parameters", "warmup", "steps", "ms_median", "ms_min", "first_step_s", "peak_mib",
-              "speedup_vs_eager", "steps_per_second"]
+    fields = [
+        "network",
+        "size",
+        "batch",
+        "provider",
+        "parameters",
+        "warmup",
+        "steps",
+        "ms_median",
+        "ms_min",
+        "first_step_s",
+        "peak_mib",
+        "speedup_vs_eager",
+        "steps_per_second",
+    ]
     eager = {(r["network"], r["size"], r["batch"]): r for r in rows if r["provider"] == "eager"}
     for row in rows:
         baseline = eager.get((row["network"], row["size"], row["batch"]))
@@ -217,15 +229,22 @@ def write_results(rows, device: str, threads: int, command: str, load_at_start: 
         for row in rows:
             writer.writerow({**header, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}})
     memory = "peak allocated (MiB)" if device == "cuda" else "peak RSS (MiB)"
-    lines = [f"# Training step (forward + backward + Adam), CMDE loss, on {device}: the trainer's switches against the eager float32 step", ""]
-    lines += [f"- {key}: {value}" for key, value in header.items()]
-    lines += [""] + [line.strip() for line in __doc__.split("\n\n")[1].splitlines()] + [
+    lines = [
+        f"# Training step (forward + backward + Adam), CMDE loss, on {device}: the trainer's switches against the eager float32 step",
         "",
-        "Median of the timed steps after warm-up; speed-up: eager ms / provider ms at the same network and batch.",
-        "",
-        f"| network | size | batch | params | provider | ms per step | steps/s | speed-up vs eager | first step (s) | {memory} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    lines += (
+        [""]
+        + [line.strip() for line in __doc__.split("\n\n")[1].splitlines()]
+        + [
+            "",
+            "Median of the timed steps after warm-up; speed-up: eager ms / provider ms at the same network and batch.",
+            "",
+            f"| network | size | batch | params | provider | ms per step | steps/s | speed-up vs eager | first step (s) | {memory} |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for row in rows:
         lines.append(
             f"| {row['network']} | {row['size']} | {row['batch']} | {row['parameters'] / 1e6:.2f}M | {row['provider']} | {row['ms_median']:.1f} | "
@@ -240,7 +259,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 2, quick 1)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (default: torch's own); 1 is steadier on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per worker (default: torch's own); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS), help="default: all")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,7 +280,16 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     jobs = [
-        {"device": args.device, "network": network, "size": size, "batch": batch, "provider": provider, "steps": steps, "warmup": warmup, "threads": args.threads}
+        {
+            "device": args.device,
+            "network": network,
+            "size": size,
+            "batch": batch,
+            "provider": provider,
+            "steps": steps,
+            "warmup": warmup,
+            "threads": args.threads,
+        }
         for network, size, batch in configurations(args.device, args.quick)
         for provider in args.providers
         if network != "loss-only" or provider in LOSS_ONLY_PROVIDERS
@@ -268,7 +301,9 @@ def main() -> None:
         if done.returncode != 0:
             raise RuntimeError(f"configuration {job} failed with exit status {done.returncode}:\n{done.stderr[-4000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        tqdm.write(f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>13}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB")
+        tqdm.write(
+            f"{job['network']:>16} {job['size']:>3} b{job['batch']:<3} {job['provider']:>13}: {rows[-1]['ms_median']:9.1f} ms, peak {rows[-1]['peak_mib']:8.0f} MiB"
+        )
     write_results(rows, args.device, args.threads, " ".join([os.path.basename(sys.executable), *sys.argv]), load_at_start)
     print((ROOT / "benchmarks" / "results" / f"training_step_{args.device}.md").read_text())
 

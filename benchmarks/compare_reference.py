@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msdiff_fast import MRSampler, euler_maruyama, posterior_sample, probability_flow_euler  # noqa: E402
 from msdiff_fast.compat import DropInMRSampler  # noqa: E402
 from msdiff_fast.ops import philox_normal  # noqa: E402
-from msdiff_fast.samplers.mr_sampler import seed_from  # noqa: E402
+from msdiff_fast.samplers.loop import seed_from  # noqa: E402
 from msdiff_fast.sde import MRSDE  # noqa: E402
 from msdiff_fast.testing import FiniteData  # noqa: E402
 
@@ -59,7 +59,9 @@ MAX_SIGMA, T, SCHEDULE, EPS = 50, 100, "cosine", 0.005
 
 def revision(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         marker = root / "REVISION"
         return marker.read_text().strip() if marker.exists() else "unknown revision"
@@ -108,7 +110,9 @@ def prepare_imports() -> None:
 def load_mr_sampler(root: Path):
     code = root / "universal-image-restoration"
     if not (code / "utils" / "sampler.py").exists():
-        raise FileNotFoundError(f"MR_SAMPLER_DIR: expected a checkout of grrrute/mr-sampler with universal-image-restoration/utils/sampler.py, got {root}")
+        raise FileNotFoundError(
+            f"MR_SAMPLER_DIR: expected a checkout of grrrute/mr-sampler with universal-image-restoration/utils/sampler.py, got {root}"
+        )
     package = types.ModuleType("utils")
     package.__path__ = [str(code / "utils")]
     sys.modules["utils"] = package
@@ -211,13 +215,26 @@ def compare_mr_sampler(args, device, lines):
         f"## Official MR Sampler (grrrute/mr-sampler {revision(args.mr_sampler_dir)})",
         "",
         f"Schedule: IR-SDE cosine, max_sigma {MAX_SIGMA}, T {T}, eps {EPS}, the official code's thetabar convention "
-        "(`MRSDE.from_irsde(..., convention=\"mrs\")`); network: the exact noise-predicting denoiser (fit_target \"noise\", "
+        '(`MRSDE.from_irsde(..., convention="mrs")`); network: the exact noise-predicting denoiser (fit_target "noise", '
         "DA-CLIP's) of 8 points in [0, 1]^" + "x".join(map(str, args.shape)) + f"; batch {args.batch}; float32.",
         "Columns: max |official - DropInMRSampler| (our drop-in class, its own float64 time grid); max |official - MRSampler| "
         "(msdiff_fast.MRSampler on the official float32 time grid, lower_order_final=True); ms per sample (best of "
         f"{args.repeats}). Stochastic solvers get the same noise in both codes.",
         "",
-        row(["solver", "order", "prediction", "time_schedule", "NFE", "max diff drop-in", "max diff MRSampler", "official ms", "drop-in ms", "MRSampler ms"]),
+        row(
+            [
+                "solver",
+                "order",
+                "prediction",
+                "time_schedule",
+                "NFE",
+                "max diff drop-in",
+                "max diff MRSampler",
+                "official ms",
+                "drop-in ms",
+                "MRSampler ms",
+            ]
+        ),
         row(["---"] * 10),
     ]
     worst = {}
@@ -228,7 +245,13 @@ def compare_mr_sampler(args, device, lines):
                     for nfe in args.nfe:
                         irsde = sde_utils.IRSDE(max_sigma=MAX_SIGMA, T=T, schedule=SCHEDULE, eps=EPS, device=device)
                         irsde.set_model(problem.network("noise"))
-                        options = dict(solver_type=solver, parameterization=prediction, order=order, fit_target="noise", time_schedule=schedule)
+                        options = dict(
+                            solver_type=solver,
+                            parameterization=prediction,
+                            order=order,
+                            fit_target="noise",
+                            time_schedule=schedule,
+                        )
                         draws = stream_draws(1, nfe, problem.x_T) if solver == "sde" else []
                         with restored_class(sde_utils.IRSDE):
                             official = sampler_module.MRSampler(irsde, opt, nfe, **options)
@@ -246,18 +269,41 @@ def compare_mr_sampler(args, device, lines):
                             return drop_in.sampling(problem.mu, noisy_state=problem.x_T)[0]
 
                         ours_drop_in, drop_in_time = timed(run_drop_in, args.repeats)
-                        native = MRSampler(problem.sde, nfe, solver=solver, order=order, prediction=prediction, model_output="noise",
-                                           timesteps=torch.tensor(official.timesteps, dtype=torch.float64))
+                        native = MRSampler(
+                            problem.sde,
+                            nfe,
+                            solver=solver,
+                            order=order,
+                            prediction=prediction,
+                            model_output="noise",
+                            timesteps=torch.tensor(official.timesteps, dtype=torch.float64),
+                        )
                         ours_native, native_time = timed(
-                            lambda: native.sample(problem.exact["noise"], problem.mu, x_T=problem.x_T, generator=torch.Generator().manual_seed(1)).clamp(0, 1),
+                            lambda: native.sample(
+                                problem.exact["noise"], problem.mu, x_T=problem.x_T, generator=torch.Generator().manual_seed(1)
+                            ).clamp(0, 1),
                             args.repeats,
                         )
                         d_drop_in = float((reference - ours_drop_in).abs().max())
                         d_native = float((reference - ours_native).abs().max())
                         key = (solver, order, prediction)
                         worst[key] = max(worst.get(key, (0, 0)), (d_drop_in, d_native))
-                        lines.append(row([solver.upper(), order, prediction, schedule, nfe, f"{d_drop_in:.2e}", f"{d_native:.2e}",
-                                          ms(official_time, args.batch), ms(drop_in_time, args.batch), ms(native_time, args.batch)]))
+                        lines.append(
+                            row(
+                                [
+                                    solver.upper(),
+                                    order,
+                                    prediction,
+                                    schedule,
+                                    nfe,
+                                    f"{d_drop_in:.2e}",
+                                    f"{d_native:.2e}",
+                                    ms(official_time, args.batch),
+                                    ms(drop_in_time, args.batch),
+                                    ms(native_time, args.batch),
+                                ]
+                            )
+                        )
                         print(lines[-1], flush=True)
     lines.append("")
     return worst
@@ -272,20 +318,44 @@ def compare_irsde(args, root: Path, label: str, candidates, device, lines):
     grid = torch.arange(T, -1, -1, dtype=torch.float64)
     generator = lambda: torch.Generator().manual_seed(2)  # noqa: E731
     runs = [
-        ("posterior (IR-SDE optimal posterior)", lambda: sde.reverse_posterior(problem.x_T), 1.0,
-         lambda: posterior_sample(problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator())),
-        ("posterior vs MRSampler SDE-1 data", lambda: sde.reverse_posterior(problem.x_T), 1.0,
-         lambda: MRSampler(problem.sde, T, solver="sde", order=1, prediction="data", timesteps=grid).sample(problem.exact["noise"], problem.mu, x_T=problem.x_T, generator=generator())),
-        ("Euler-Maruyama (reverse_sde)", lambda: sde.reverse_sde(problem.x_T), -1.0,
-         lambda: euler_maruyama(problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator())),
-        ("probability-flow Euler (reverse_ode)", lambda: sde.reverse_ode(problem.x_T), 1.0,
-         lambda: probability_flow_euler(problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator())),
+        (
+            "posterior (IR-SDE optimal posterior)",
+            lambda: sde.reverse_posterior(problem.x_T),
+            1.0,
+            lambda: posterior_sample(
+                problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator()
+            ),
+        ),
+        (
+            "posterior vs MRSampler SDE-1 data",
+            lambda: sde.reverse_posterior(problem.x_T),
+            1.0,
+            lambda: MRSampler(problem.sde, T, solver="sde", order=1, prediction="data", timesteps=grid).sample(
+                problem.exact["noise"], problem.mu, x_T=problem.x_T, generator=generator()
+            ),
+        ),
+        (
+            "Euler-Maruyama (reverse_sde)",
+            lambda: sde.reverse_sde(problem.x_T),
+            -1.0,
+            lambda: euler_maruyama(
+                problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator()
+            ),
+        ),
+        (
+            "probability-flow Euler (reverse_ode)",
+            lambda: sde.reverse_ode(problem.x_T),
+            1.0,
+            lambda: probability_flow_euler(
+                problem.exact["noise"], problem.sde, problem.mu, T, timesteps=grid, x_T=problem.x_T, generator=generator()
+            ),
+        ),
     ]
     lines += [
         f"## {label} sde_utils.IRSDE ({revision(root)})",
         "",
         f"Schedule: IR-SDE cosine, max_sigma {MAX_SIGMA}, T {T}, eps {EPS}, IR-SDE's training convention "
-        "(`convention=\"irsde\"`, thetabar_0 = 0); every sampler takes one grid index per step (NFE 100); same network, x_T and noise.",
+        '(`convention="irsde"`, thetabar_0 = 0); every sampler takes one grid index per step (NFE 100); same network, x_T and noise.',
         "",
         row(["reference sampler", "NFE", "max diff", "reference ms", "msdiff_fast ms"]),
         row(["---"] * 5),
@@ -310,9 +380,21 @@ def compare_irsde(args, root: Path, label: str, candidates, device, lines):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mr-sampler-dir", type=Path, default=os.environ.get("MR_SAMPLER_DIR"), help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)")
-    parser.add_argument("--irsde-dir", type=Path, default=os.environ.get("IRSDE_DIR"), help="checkout of Algolzw/image-restoration-sde (env IRSDE_DIR)")
-    parser.add_argument("--daclip-dir", type=Path, default=os.environ.get("DACLIP_DIR"), help="checkout of Algolzw/daclip-uir (env DACLIP_DIR)")
+    parser.add_argument(
+        "--mr-sampler-dir",
+        type=Path,
+        default=os.environ.get("MR_SAMPLER_DIR"),
+        help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)",
+    )
+    parser.add_argument(
+        "--irsde-dir",
+        type=Path,
+        default=os.environ.get("IRSDE_DIR"),
+        help="checkout of Algolzw/image-restoration-sde (env IRSDE_DIR)",
+    )
+    parser.add_argument(
+        "--daclip-dir", type=Path, default=os.environ.get("DACLIP_DIR"), help="checkout of Algolzw/daclip-uir (env DACLIP_DIR)"
+    )
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--time-schedules", nargs="+", default=["linear-lambda", "linspace"])
     parser.add_argument("--batch", type=int, default=4)
@@ -341,10 +423,18 @@ def main():
         "# msdiff_fast vs the reference implementations",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + f"; torch {torch.__version__}, numpy {numpy.__version__}.",
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; torch {torch.__version__}, numpy {numpy.__version__}.",
         f"Date: {datetime.date.today().isoformat()}.",
-        "Command: `" + " ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:]) + "` with "
-        + ", ".join(f"{k}={v}" for k, v in (("MR_SAMPLER_DIR", args.mr_sampler_dir), ("IRSDE_DIR", args.irsde_dir), ("DACLIP_DIR", args.daclip_dir)) if v) + ".",
+        "Command: `"
+        + " ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+        + "` with "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in (("MR_SAMPLER_DIR", args.mr_sampler_dir), ("IRSDE_DIR", args.irsde_dir), ("DACLIP_DIR", args.daclip_dir))
+            if v
+        )
+        + ".",
         "",
     ]
     summary = []
@@ -388,7 +478,9 @@ def main():
     for label, worst in summary:
         if isinstance(worst, dict):
             for (solver, order, prediction), (d_drop_in, d_native) in worst.items():
-                lines.append(f"- {label} {solver.upper()}-{order} {prediction} prediction: drop-in {d_drop_in:.2e}, MRSampler {d_native:.2e}")
+                lines.append(
+                    f"- {label} {solver.upper()}-{order} {prediction} prediction: drop-in {d_drop_in:.2e}, MRSampler {d_native:.2e}"
+                )
         else:
             lines.append(f"- {label}: {worst:.2e}")
     lines.append("")

@@ -54,7 +54,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_model  # noqa: E402
+from machine import DATA_MEAN, DATA_STD, cpu_model, per_dimension_w2, synchronize  # noqa: E402
+
 from msdiff_fast import MRSampler, pc_sample, posterior_sample  # noqa: E402
 from msdiff_fast.models import FastNetwork, bf16_unsupported, unet_preset  # noqa: E402
 from msdiff_fast.samplers import conditioned_model  # noqa: E402
@@ -62,13 +63,7 @@ from msdiff_fast.sde import MRSDE, VESDE, MultiSpeedSDE  # noqa: E402
 from msdiff_fast.testing import GaussianData  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA_MEAN, DATA_STD = 0.4, 0.2
 SECTIONS = ("samplers", "fast", "official")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class NetworkClock:
@@ -132,11 +127,6 @@ def cmde_network(net, channels: int):
     return model
 
 
-def gaussian_w2(samples: torch.Tensor) -> float:
-    flat = samples.reshape(samples.shape[0], -1).double()
-    return float(torch.sqrt((flat.mean(0) - DATA_MEAN) ** 2 + (flat.std(0) - DATA_STD) ** 2).mean())
-
-
 class Row:
     def __init__(self, label, network, clock, nfe, run, measured_run=None, measured_nfe=None, analytic=None, mr_sampler=None):
         self.label, self.network, self.clock, self.nfe = label, network, clock, nfe
@@ -181,37 +171,69 @@ def build_rows(args, preset: str, device: torch.device):
     options = dict(solver="sde", order=2, prediction="data", model_output="noise")
     for nfe in (5, 10, 20):
         sampler = MRSampler(mr_sde, nfe, **options)
-        rows.append(Row(
-            "MR Sampler SDE-2 data", "mr", mr_model, nfe,
-            run=lambda sampler=sampler: sampler.sample(mr_model, mu, generator=generator()),
-            analytic=lambda sampler=sampler: sampler.sample(exact_mr, analytic_mu, generator=analytic_generator()),
-            mr_sampler=(mr_sde, nfe, options),
-        ))
-    rows.append(Row(
-        "posterior sampling", "mr", mr_model, 100,
-        run=lambda: posterior_sample(mr_model, mr_sde, mu, 100, generator=generator()),
-        measured_run=lambda steps: posterior_sample(mr_model, mr_sde, mu, steps, generator=generator()),
-        measured_nfe=lambda steps: steps,
-        analytic=lambda: posterior_sample(exact_mr, mr_sde, analytic_mu, 100, generator=analytic_generator()),
-    ))
-    rows.append(Row(
-        "predictor-corrector (1000 steps, snr 0.15)", "cmde", cmde_model, 2000,
-        run=lambda: pc_sample(cmde_model, ve_pair, y, 1000, generator=generator()),
-        measured_run=lambda steps: pc_sample(cmde_model, ve_pair, y, steps, generator=generator()),
-        measured_nfe=lambda steps: 2 * steps,
-        analytic=lambda: pc_sample(exact_ve, ve_pair.x, None, 1000, shape=(args.analytic_samples, 8), clip=None, generator=analytic_generator()),
-    ))
+        rows.append(
+            Row(
+                "MR Sampler SDE-2 data",
+                "mr",
+                mr_model,
+                nfe,
+                run=lambda sampler=sampler: sampler.sample(mr_model, mu, generator=generator()),
+                analytic=lambda sampler=sampler: sampler.sample(exact_mr, analytic_mu, generator=analytic_generator()),
+                mr_sampler=(mr_sde, nfe, options),
+            )
+        )
+    rows.append(
+        Row(
+            "posterior sampling",
+            "mr",
+            mr_model,
+            100,
+            run=lambda: posterior_sample(mr_model, mr_sde, mu, 100, generator=generator()),
+            measured_run=lambda steps: posterior_sample(mr_model, mr_sde, mu, steps, generator=generator()),
+            measured_nfe=lambda steps: steps,
+            analytic=lambda: posterior_sample(exact_mr, mr_sde, analytic_mu, 100, generator=analytic_generator()),
+        )
+    )
+    rows.append(
+        Row(
+            "predictor-corrector (1000 steps, snr 0.15)",
+            "cmde",
+            cmde_model,
+            2000,
+            run=lambda: pc_sample(cmde_model, ve_pair, y, 1000, generator=generator()),
+            measured_run=lambda steps: pc_sample(cmde_model, ve_pair, y, steps, generator=generator()),
+            measured_nfe=lambda steps: 2 * steps,
+            analytic=lambda: pc_sample(
+                exact_ve, ve_pair.x, None, 1000, shape=(args.analytic_samples, 8), clip=None, generator=analytic_generator()
+            ),
+        )
+    )
     ve_fast = MRSampler(ve_pair, 10, solver="sde", order=2, prediction="data", model_output="score")
-    rows.append(Row(
-        "MR Sampler SDE-2 data (VE)", "cmde", cmde_model, 10,
-        run=lambda: ve_fast.sample(conditioned_model(cmde_model, ve_pair, y, "fresh", generator()), None, shape=tuple(y.shape), generator=generator(), device=y.device),
-        analytic=lambda: ve_fast.sample(exact_ve, None, shape=(args.analytic_samples, 8), generator=analytic_generator()),
-    ))
+    rows.append(
+        Row(
+            "MR Sampler SDE-2 data (VE)",
+            "cmde",
+            cmde_model,
+            10,
+            run=lambda: ve_fast.sample(
+                conditioned_model(cmde_model, ve_pair, y, "fresh", generator()),
+                None,
+                shape=tuple(y.shape),
+                generator=generator(),
+                device=y.device,
+            ),
+            analytic=lambda: ve_fast.sample(exact_ve, None, shape=(args.analytic_samples, 8), generator=analytic_generator()),
+        )
+    )
     networks = {
         "mr": (lambda: mr_net(torch.cat([mu, mu], dim=1), torch.full((args.batch,), 0.5, device=device))),
         "cmde": (lambda: cmde_net(torch.cat([mu, y], dim=1), torch.full((args.batch,), 0.5, device=device))),
     }
-    info = {"mr": sum(p.numel() for p in mr_net.parameters()), "cmde": sum(p.numel() for p in cmde_net.parameters()), "size": size}
+    info = {
+        "mr": sum(p.numel() for p in mr_net.parameters()),
+        "cmde": sum(p.numel() for p in cmde_net.parameters()),
+        "size": size,
+    }
     return rows, networks, info, (mr_net, mu)
 
 
@@ -233,14 +255,17 @@ def time_rows(args, rows, device):
 
 def analytic_errors(rows):
     for row in tqdm(rows, desc="analytic model", leave=False):
-        row.results["error"] = gaussian_w2(row.analytic())
+        row.results["error"] = per_dimension_w2(row.analytic())
 
 
 def fast_variants(args, device: torch.device):
     """(label, loop, FastNetwork switches or None for the plain network) of the fast section."""
     loop = "graph" if device.type == "cuda" else "static"
-    variants = [("eager loop, plain network (baseline)", "eager", None), (f"{loop} loop, plain network", loop, None),
-                (f"{loop} loop + FastNetwork defaults (channels-last, inference mode)", loop, {})]
+    variants = [
+        ("eager loop, plain network (baseline)", "eager", None),
+        (f"{loop} loop, plain network", loop, None),
+        (f"{loop} loop + FastNetwork defaults (channels-last, inference mode)", loop, {}),
+    ]
     bf16 = bf16_unsupported(device) is None
     if bf16:
         variants.append((f"{loop} loop + FastNetwork + bf16", loop, {"bf16": True}))
@@ -283,15 +308,20 @@ def fast_rows(args, rows, mr_net, mu, device, notes):
             sampler = MRSampler(sde, steps, loop=loop, **options)
             try:
                 with torch.no_grad():
-                    output, first, seconds = timed_variant(lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1)),
-                                                           device, args.repeats)
+                    output, first, seconds = timed_variant(
+                        lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1)),
+                        device,
+                        args.repeats,
+                    )
             except RuntimeError as error:  # e.g. a CUDA graph capture that fails on this machine
                 notes.append(f"{label}, NFE {steps}: {error}")
                 continue
             if reference is None:
                 reference, baseline = output, seconds
             difference, psnr = output_agreement(output, reference)
-            row.results["fast"].append((label, first, seconds, baseline / seconds, torch.equal(output, reference), difference, psnr))
+            row.results["fast"].append(
+                (label, first, seconds, baseline / seconds, torch.equal(output, reference), difference, psnr)
+            )
 
 
 def official_rows(args, preset: str, device: torch.device):
@@ -313,11 +343,14 @@ def official_rows(args, preset: str, device: torch.device):
         def official_network(x, condition, t, **context):  # IR-SDE's network signature
             return mr_net(torch.cat([x - condition, condition], dim=1), torch.full((x.shape[0],), float(t), device=x.device))
 
-        irsde = sde_utils.IRSDE(max_sigma=reference.MAX_SIGMA, T=reference.T, schedule=reference.SCHEDULE, eps=reference.EPS, device=device)
+        irsde = sde_utils.IRSDE(
+            max_sigma=reference.MAX_SIGMA, T=reference.T, schedule=reference.SCHEDULE, eps=reference.EPS, device=device
+        )
         irsde.set_model(official_network)
         with reference.restored_class(sde_utils.IRSDE):
-            official = sampler_module.MRSampler(irsde, opt, nfe, solver_type="sde", parameterization="data", order=2, fit_target="noise",
-                                                time_schedule="linspace")
+            official = sampler_module.MRSampler(
+                irsde, opt, nfe, solver_type="sde", parameterization="data", order=2, fit_target="noise", time_schedule="linspace"
+            )
 
             def run_official():
                 with reference.scripted_noise(draws):
@@ -328,11 +361,24 @@ def official_rows(args, preset: str, device: torch.device):
         rows = [("official MR Sampler code (float32 eager network)", None, official_seconds, 1.0, 0.0, math.inf)]
         for label, loop, switches in fast_variants(args, device):
             net = mr_net if switches is None else FastNetwork(copy.deepcopy(mr_net), **switches)
-            sampler = MRSampler(sde, nfe, solver="sde", order=2, prediction="data", model_output="noise", timesteps=grid, loop=loop)
+            sampler = MRSampler(
+                sde, nfe, solver="sde", order=2, prediction="data", model_output="noise", timesteps=grid, loop=loop
+            )
             with torch.no_grad():
                 output, first, seconds = timed_variant(
-                    lambda: sampler.sample(mr_network(net), mu, x_T=x_T, generator=torch.Generator().manual_seed(1)).clamp(0, 1), device, args.repeats)
-            rows.append((f"msdiff: {label.replace(' (baseline)', '')}", first, seconds, official_seconds / seconds, *output_agreement(output, expected)))
+                    lambda: sampler.sample(mr_network(net), mu, x_T=x_T, generator=torch.Generator().manual_seed(1)).clamp(0, 1),
+                    device,
+                    args.repeats,
+                )
+            rows.append(
+                (
+                    f"msdiff: {label.replace(' (baseline)', '')}",
+                    first,
+                    seconds,
+                    official_seconds / seconds,
+                    *output_agreement(output, expected),
+                )
+            )
         results.append((batch, rows))
     return results, reference.revision(args.mr_sampler_dir)
 
@@ -376,7 +422,7 @@ def report(args, device, per_preset, seconds):
         f"Batch {args.batch} (official section: batches {', '.join(map(str, args.official_batches))}), float32 unless a row says otherwise, "
         f"randomly initialised networks, best of {args.repeats} timed runs after a warm-up (one run above 200 NFE). "
         f"Runs above {args.max_measured_nfe} NFE are timed on a shorter run of the same sampler and extrapolated linearly in NFE. "
-        "\"outside network\": the share of the wall time spent outside the network's calls, timed inside the same run. Analytic error: the same sampler with the exact "
+        '"outside network": the share of the wall time spent outside the network\'s calls, timed inside the same run. Analytic error: the same sampler with the exact '
         f"denoiser of N({DATA_MEAN}, {DATA_STD}^2) data ({args.analytic_samples} samples x 8 dimensions), per-dimension "
         "Gaussian W2 to the data (0 is exact; the Monte-Carlo floor at this size is about "
         f"{1.25 * DATA_STD / math.sqrt(args.analytic_samples):.1e}). First call: the warm-up call's time (torch.compile compiles then; "
@@ -385,12 +431,17 @@ def report(args, device, per_preset, seconds):
         "",
     ]
     for preset, (rows, info, notes, official, profile) in per_preset.items():
-        lines += [f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)", ""]
+        lines += [
+            f"## {preset} ({info['size']}x{info['size']}; mr network {info['mr'] / 1e6:.2f}M parameters, cmde {info['cmde'] / 1e6:.2f}M)",
+            "",
+        ]
         if rows and "time" in rows[0].results:
             pc = next(r for r in rows if r.nfe == 2000).results["time"]
             posterior = next(r for r in rows if r.nfe == 100).results["time"]
             lines += [
-                "Network time per call, measured inside the runs: " + ", ".join(f"{row.label} NFE {row.nfe}: {1e3 * row.results['network'] / row.nfe:.1f} ms" for row in rows) + ".",
+                "Network time per call, measured inside the runs: "
+                + ", ".join(f"{row.label} NFE {row.nfe}: {1e3 * row.results['network'] / row.nfe:.1f} ms" for row in rows)
+                + ".",
                 "",
                 "| sampler | network | NFE | wall time (s) | per image (s) | speed-up vs PC 2000 | vs posterior 100 | outside network | analytic W2 | timing |",
                 "|---|---|---|---|---|---|---|---|---|---|",
@@ -413,9 +464,13 @@ def report(args, device, per_preset, seconds):
             ]
             for row in fast:
                 for label, first, wall, speedup, identical, difference, psnr in row.results["fast"]:
-                    lines.append(f"| {row.nfe} | {label} | {first:.3f} | {wall:.3f} | {speedup:.2f}x | {'yes' if identical else 'no'} | {difference:.1e} | {psnr:.1f} |")
+                    lines.append(
+                        f"| {row.nfe} | {label} | {first:.3f} | {wall:.3f} | {speedup:.2f}x | {'yes' if identical else 'no'} | {difference:.1e} | {psnr:.1f} |"
+                    )
                 if "graph_network" in row.results:
-                    lines.append(f"| {row.nfe} | the network alone, {row.nfe} calls as one CUDA graph (floor) | | {row.results['graph_network']:.3f} | | | | |")
+                    lines.append(
+                        f"| {row.nfe} | the network alone, {row.nfe} calls as one CUDA graph (floor) | | {row.results['graph_network']:.3f} | | | | |"
+                    )
             lines.append("")
         if official is not None:
             results, revision = official
@@ -429,10 +484,19 @@ def report(args, device, per_preset, seconds):
             for batch, official_rows_ in results:
                 for label, first, wall, ratio, difference, psnr in official_rows_:
                     first_text = "" if first is None else f"{first:.3f}"
-                    lines.append(f"| {batch} | {label} | {first_text} | {wall:.3f} | {wall / batch:.3f} | {ratio:.2f}x | {difference:.1e} | {psnr:.1f} |")
+                    lines.append(
+                        f"| {batch} | {label} | {first_text} | {wall:.3f} | {wall / batch:.3f} | {ratio:.2f}x | {difference:.1e} | {psnr:.1f} |"
+                    )
             lines.append("")
         if profile is not None:
-            lines += ["Profile of one fast-path run (NFE 10, static loop, FastNetwork defaults), operators by self time:", "", "```", profile, "```", ""]
+            lines += [
+                "Profile of one fast-path run (NFE 10, static loop, FastNetwork defaults), operators by self time:",
+                "",
+                "```",
+                profile,
+                "```",
+                "",
+            ]
         lines += [f"- {note}" for note in notes] + [""]
     out = args.out_dir / f"end_to_end_{device.type}.md"
     out.write_text("\n".join(lines))
@@ -443,13 +507,24 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the static loop as a CUDA graph)")
     parser.add_argument("--presets", nargs="+", default=["celeba_sr_x8_160", "tiny"])
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="default: all (official only with --mr-sampler-dir)")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=None, help="default: all (official only with --mr-sampler-dir)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 1 on CPU, 16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row, best kept (default 2 on CPU, 5 on CUDA)")
-    parser.add_argument("--max-measured-nfe", type=int, default=None, help="longer runs are extrapolated (default 20 on CPU, 2000 on CUDA)")
+    parser.add_argument(
+        "--max-measured-nfe", type=int, default=None, help="longer runs are extrapolated (default 20 on CPU, 2000 on CUDA)"
+    )
     parser.add_argument("--analytic-samples", type=int, default=4096)
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (the first call compiles for minutes on a CPU)")
-    parser.add_argument("--mr-sampler-dir", type=Path, default=os.environ.get("MR_SAMPLER_DIR"), help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the torch.compile variants (the first call compiles for minutes on a CPU)"
+    )
+    parser.add_argument(
+        "--mr-sampler-dir",
+        type=Path,
+        default=os.environ.get("MR_SAMPLER_DIR"),
+        help="checkout of grrrute/mr-sampler (env MR_SAMPLER_DIR)",
+    )
     parser.add_argument("--official-nfe", type=int, default=10)
     parser.add_argument("--official-batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table of one fast-path run per preset")
@@ -470,9 +545,13 @@ def parse_args():
     if args.sections is None:
         args.sections = [s for s in SECTIONS if s != "official" or args.mr_sampler_dir]
     if "official" in args.sections and (args.mr_sampler_dir is None or not Path(args.mr_sampler_dir).is_dir()):
-        parser.error(f"--sections official: expected a checkout of grrrute/mr-sampler in --mr-sampler-dir or MR_SAMPLER_DIR, got {args.mr_sampler_dir}")
+        parser.error(
+            f"--sections official: expected a checkout of grrrute/mr-sampler in --mr-sampler-dir or MR_SAMPLER_DIR, got {args.mr_sampler_dir}"
+        )
     if min(args.batch, args.repeats, args.max_measured_nfe, args.analytic_samples, args.official_nfe, *args.official_batches) < 1:
-        parser.error("--batch, --repeats, --max-measured-nfe, --analytic-samples, --official-nfe, --official-batches: expected positive integers")
+        parser.error(
+            "--batch, --repeats, --max-measured-nfe, --analytic-samples, --official-nfe, --official-batches: expected positive integers"
+        )
     return args, device
 
 

@@ -25,9 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import cpu_model  # noqa: E402
-from msdiff_fast.cli import SamplerSpec, consistency_operator, image_metrics, load_trained, markdown_table, restore_images  # noqa: E402
-from msdiff_fast.demo import DemoSettings, demo_models, test_pairs  # noqa: E402
+
+from msdiff_fast.demo import DemoSettings, demo_models  # noqa: E402
+from msdiff_fast.demo.experiment import test_pairs  # noqa: E402
+from msdiff_fast.metrics import image_metrics  # noqa: E402
 from msdiff_fast.models import FastNetwork, bf16_unsupported  # noqa: E402
+from msdiff_fast.reports import markdown_table  # noqa: E402
+from msdiff_fast.restoration import SamplerSpec, load_trained, restore_images  # noqa: E402
+from msdiff_fast.training.tasks import consistency_operator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (loop, FastNetwork keywords or None for the plain network); the first is the reference
@@ -46,8 +51,16 @@ SAMPLERS = (("mr-sde", 10), ("mr-ode", 10))
 def restore(network, estimator, pairs, sampler: SamplerSpec, settings: DemoSettings):
     names = list(pairs)
     started = time.perf_counter()
-    restored = restore_images(network, estimator, [pairs[n]["condition"] for n in names], sampler, settings.seed + 100,
-                              settings.image_size, settings.image_size // 4, batch=64)
+    restored = restore_images(
+        network,
+        estimator,
+        [pairs[n]["condition"] for n in names],
+        sampler,
+        settings.seed + 100,
+        settings.image_size,
+        settings.image_size // 4,
+        batch=64,
+    )
     return dict(zip(names, restored)), time.perf_counter() - started
 
 
@@ -76,24 +89,51 @@ def main() -> None:
                 network = copy.deepcopy(trained.network)  # channels-last converts the weights in place
                 network = network if switches is None else FastNetwork(network, **switches)
                 output, seconds = restore(network, trained.estimator, pairs, SamplerSpec(solver, nfe, loop=loop), settings)
-                psnr = sum(image_metrics(output[n][None, None], pairs[n]["truth"][None], operator)["psnr"] for n in pairs) / len(pairs)
+                psnr = sum(image_metrics(output[n][None, None], pairs[n]["truth"][None], operator)["psnr"] for n in pairs) / len(
+                    pairs
+                )
                 if reference is None:
                     reference = {"output": output, "psnr": psnr}
                 largest = max(float((output[n] - reference["output"][n]).abs().max()) * 255 for n in pairs)
-                rows.append({"model": model.key, "sampler": f"{solver} NFE {nfe}", "variant": name, "psnr": psnr,
-                             "psnr_change": psnr - reference["psnr"], "max_pixel_difference": largest, "seconds": seconds})
-                print(f"{model.key} {solver} {name}: {psnr:.3f} dB ({psnr - reference['psnr']:+.4f}), max |diff| {largest:.3f}/255, {seconds:.1f} s",
-                      flush=True)
+                rows.append(
+                    {
+                        "model": model.key,
+                        "sampler": f"{solver} NFE {nfe}",
+                        "variant": name,
+                        "psnr": psnr,
+                        "psnr_change": psnr - reference["psnr"],
+                        "max_pixel_difference": largest,
+                        "seconds": seconds,
+                    }
+                )
+                print(
+                    f"{model.key} {solver} {name}: {psnr:.3f} dB ({psnr - reference['psnr']:+.4f}), max |diff| {largest:.3f}/255, {seconds:.1f} s",
+                    flush=True,
+                )
     command = " ".join(["python", *sys.argv])
-    text = (f"# The fast-path switches on the demo models\n\n`{command}`: {cpu_model()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {(time.perf_counter() - started) / 60:.1f} min. The demo run in `{folder}` "
-            f"({', '.join(m.key for m in demo_models(settings))}), its held-out photographs restored whole with one sample each, "
-            "the same seed for every variant. PSNR change: against the float32 eager path's PSNR (the bar for a default: "
-            "|change| <= 0.05 dB). Max pixel difference: against the eager output, on the 0-255 scale. Seconds: one run under "
-            "this machine's load, not a benchmark (end_to_end.py times the switches).\n\n"
-            + markdown_table(["model", "sampler", "variant", "PSNR (dB)", "PSNR change (dB)", "max pixel difference", "seconds"],
-                             [[r["model"], r["sampler"], r["variant"], r["psnr"], round(r["psnr_change"], 4), r["max_pixel_difference"], r["seconds"]]
-                              for r in rows]))
+    text = (
+        f"# The fast-path switches on the demo models\n\n`{command}`: {cpu_model()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {(time.perf_counter() - started) / 60:.1f} min. The demo run in `{folder}` "
+        f"({', '.join(m.key for m in demo_models(settings))}), its held-out photographs restored whole with one sample each, "
+        "the same seed for every variant. PSNR change: against the float32 eager path's PSNR (the bar for a default: "
+        "|change| <= 0.05 dB). Max pixel difference: against the eager output, on the 0-255 scale. Seconds: one run under "
+        "this machine's load, not a benchmark (end_to_end.py times the switches).\n\n"
+        + markdown_table(
+            ["model", "sampler", "variant", "PSNR (dB)", "PSNR change (dB)", "max pixel difference", "seconds"],
+            [
+                [
+                    r["model"],
+                    r["sampler"],
+                    r["variant"],
+                    r["psnr"],
+                    round(r["psnr_change"], 4),
+                    r["max_pixel_difference"],
+                    r["seconds"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     args.out.write_text(text + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     print(text)

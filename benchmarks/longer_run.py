@@ -10,6 +10,7 @@ against the input baseline. Writes benchmarks/results/longer_run_<model>.md / .p
     python benchmarks/longer_run.py --model sr_cmde --steps 12000 --every 1000   # ~1.2 h on one idle core
     python benchmarks/longer_run.py --model sr_cmde --steps 200 --every 100       # a smoke test
 """
+
 import argparse
 import json
 import shlex
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from msdiff_fast.cli import SamplerSpec, consistency_operator, cpu_model, load_trained, markdown_table
-from msdiff_fast.demo import DemoSettings, _metrics, _restore, demo_models, test_pairs
+from msdiff_fast.demo import DemoSettings, demo_models
+from msdiff_fast.demo.experiment import average_metrics, restore_pairs, test_pairs
+from msdiff_fast.reports import cpu_model, markdown_table
+from msdiff_fast.restoration import SamplerSpec, load_trained
+from msdiff_fast.training.tasks import consistency_operator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,11 +33,45 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def train_command(model, settings: DemoSettings, steps: int, every: int, out: Path) -> list:
     """The `msdiff train` command that trains the demo's ``model`` (its settings as flags)."""
     spec = model.spec
-    command = ["msdiff", "train", "--task", spec.task, "--estimator", spec.estimator, "--data", settings.data,
-               "--downscale", str(settings.downscale), "--image-size", str(spec.image_size), "--preset", spec.preset,
-               "--steps", str(steps), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--warmup", str(settings.warmup),
-               "--amp", settings.amp, "--seed", str(settings.seed), "--checkpoint-every", str(every), "--keep-checkpoints", "0",
-               "--log-every", "100", "--no-progress", "--device", "cpu", "--out", str(out)]
+    command = [
+        "msdiff",
+        "train",
+        "--task",
+        spec.task,
+        "--estimator",
+        spec.estimator,
+        "--data",
+        settings.data,
+        "--downscale",
+        str(settings.downscale),
+        "--image-size",
+        str(spec.image_size),
+        "--preset",
+        spec.preset,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(settings.batch_size),
+        "--lr",
+        str(settings.lr),
+        "--warmup",
+        str(settings.warmup),
+        "--amp",
+        settings.amp,
+        "--seed",
+        str(settings.seed),
+        "--checkpoint-every",
+        str(every),
+        "--keep-checkpoints",
+        "0",
+        "--log-every",
+        "100",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     options = spec.estimator_options
     if spec.task == "sr":
         command += ["--scale", str(spec.task_options["scale"]), "--upsample", spec.task_options["upsample"]]
@@ -53,13 +91,22 @@ def score(checkpoint: Path, model, settings: DemoSettings, average: int) -> dict
     trained = {"network": trained_model.network, "estimator": trained_model.estimator}
     pairs = test_pairs(model, settings)
     operator = consistency_operator(model.spec.task, model.spec.task_options)
-    row = {"step": trained_model.step, "input": _metrics({n: p["baseline"][None] for n, p in pairs.items()}, pairs, operator)["psnr"]}
-    samples, _ = _restore(trained, pairs, SamplerSpec("mr-sde", 20), average, settings.seed + 100, settings, torch.device("cpu"))
-    row["sample"] = _metrics({n: s[:1] for n, s in samples.items()}, pairs, operator)["psnr"]
-    row[f"mean of {average} samples"] = _metrics({n: s.mean(0, keepdim=True) for n, s in samples.items()}, pairs, operator)["psnr"]
+    row = {
+        "step": trained_model.step,
+        "input": average_metrics({n: p["baseline"][None] for n, p in pairs.items()}, pairs, operator)["psnr"],
+    }
+    samples, _ = restore_pairs(
+        trained, pairs, SamplerSpec("mr-sde", 20), average, settings.seed + 100, settings, torch.device("cpu")
+    )
+    row["sample"] = average_metrics({n: s[:1] for n, s in samples.items()}, pairs, operator)["psnr"]
+    row[f"mean of {average} samples"] = average_metrics(
+        {n: s.mean(0, keepdim=True) for n, s in samples.items()}, pairs, operator
+    )["psnr"]
     if model.spec.estimator == "mr":  # one step from t = T is the posterior mean only where the condition is clean
-        means, _ = _restore(trained, pairs, SamplerSpec("mr-ode", 1, order=1), 1, settings.seed + 100, settings, torch.device("cpu"))
-        row["NFE 1"] = _metrics(means, pairs, operator)["psnr"]
+        means, _ = restore_pairs(
+            trained, pairs, SamplerSpec("mr-ode", 1, order=1), 1, settings.seed + 100, settings, torch.device("cpu")
+        )
+        row["NFE 1"] = average_metrics(means, pairs, operator)["psnr"]
     return row
 
 
@@ -80,8 +127,11 @@ def main() -> None:
     command = train_command(model, settings, args.steps, args.every, run)
     resume = ["--resume"] if (run / "checkpoints").is_dir() else []
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "msdiff_fast", *command[1:], *resume], check=True,
-                   env={**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads)})
+    subprocess.run(
+        [sys.executable, "-m", "msdiff_fast", *command[1:], *resume],
+        check=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads)},
+    )
     training_minutes = (time.perf_counter() - started) / 60
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     cpu_seconds = metrics[-1]["seconds"]
@@ -89,14 +139,18 @@ def main() -> None:
     out = Path(args.results) / f"longer_run_{args.model}"
     columns = [k for k in rows[0] if k != "step"]
     posterior_mean = ", and NFE 1 (the network's posterior mean)" if "NFE 1" in columns else ""
-    text = (f"# {args.model}: PSNR against training steps\n\n{model.title}. Trained with\n\n```\n{shlex.join(command)}\n```\n\n"
-            f"({cpu_model()}, {args.threads} thread; {metrics[-1]['step']} steps in {cpu_seconds / 60:.0f} min of training time, "
-            f"{training_minutes:.0f} min this call; the demo trains {settings.train_steps} steps). Scored on the demo's held-out "
-            f"photographs ({', '.join(test_pairs(model, settings))}) restored whole with the MR Sampler: one sample at NFE 20, "
-            f"the mean of {args.average} such samples{posterior_mean}. PSNR in dB.\n\n"
-            + markdown_table(["step", *columns], [[r["step"], *(r[c] for c in columns)] for r in rows]))
+    text = (
+        f"# {args.model}: PSNR against training steps\n\n{model.title}. Trained with\n\n```\n{shlex.join(command)}\n```\n\n"
+        f"({cpu_model()}, {args.threads} thread; {metrics[-1]['step']} steps in {cpu_seconds / 60:.0f} min of training time, "
+        f"{training_minutes:.0f} min this call; the demo trains {settings.train_steps} steps). Scored on the demo's held-out "
+        f"photographs ({', '.join(test_pairs(model, settings))}) restored whole with the MR Sampler: one sample at NFE 20, "
+        f"the mean of {args.average} such samples{posterior_mean}. PSNR in dB.\n\n"
+        + markdown_table(["step", *columns], [[r["step"], *(r[c] for c in columns)] for r in rows])
+    )
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "cpu_seconds": cpu_seconds, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "cpu_seconds": cpu_seconds, "rows": rows}, indent=2) + "\n"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,8 +158,13 @@ def main() -> None:
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for column in columns:
-        axis.plot([r["step"] for r in rows], [r[column] for r in rows], marker="o" if column != "input" else None,
-                  linestyle="--" if column == "input" else "-", label=column if column != "input" else "input (baseline)")
+        axis.plot(
+            [r["step"] for r in rows],
+            [r[column] for r in rows],
+            marker="o" if column != "input" else None,
+            linestyle="--" if column == "input" else "-",
+            label=column if column != "input" else "input (baseline)",
+        )
     axis.axvline(settings.train_steps, color="grey", linewidth=0.8, linestyle=":", label="the demo's steps")
     axis.set_xlabel("training steps")
     axis.set_ylabel("PSNR (dB), held-out photographs")

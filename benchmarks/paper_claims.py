@@ -40,16 +40,34 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from paper_claims_trained import (  # noqa: E402
+    add_arguments,
+    measure_claim2,
+    measure_claim3,
+    measure_claim4,
+    plot_claim2,
+    plot_claim3,
+    plot_claim4,
+    report_claim2,
+    report_claim3,
+    report_claim4,
+)
+
 import msdiff_fast as mf  # noqa: E402
-from msdiff_fast.cli import cpu_model  # noqa: E402
 from msdiff_fast.estimators import vs_sigma_y_max  # noqa: E402
+from msdiff_fast.reports import cpu_model  # noqa: E402
 from msdiff_fast.samplers import MRSampler, UnstableSolverWarning, conditioned_model, get_timesteps  # noqa: E402
-from msdiff_fast.sde import MRSDE, MultiSpeedSDE, VESDE  # noqa: E402
-from msdiff_fast.testing import (FiniteData, GaussianData, GaussianInverseProblem, GaussianMixture, gaussian_kl, gaussian_w2,  # noqa: E402
-                                 reference_ode_solution)
+from msdiff_fast.sde import MRSDE, VESDE, MultiSpeedSDE  # noqa: E402
+from msdiff_fast.testing import (  # noqa: E402
+    FiniteData,
+    GaussianData,
+    GaussianInverseProblem,
+    GaussianMixture,
+    gaussian_kl,
+    gaussian_w2,
+    reference_ode_solution,
+)
 from msdiff_fast.training.checkpoint import atomic_write  # noqa: E402
-from paper_claims_trained import (add_arguments, measure_claim2, measure_claim3, measure_claim4, plot_claim2, plot_claim3,  # noqa: E402
-                                  plot_claim4, report_claim2, report_claim3, report_claim4)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 F64 = torch.float64
@@ -67,7 +85,9 @@ class Claim:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
+    ]
 
 
 def fit(samples: torch.Tensor):
@@ -86,7 +106,10 @@ PC_STEPS = [30, 100, 300, 1000]
 # VS-CMDE's schedule in the paper: sigma_y_max from sqrt(D) down to a target at step K; the
 # reference code does not clamp and its super-resolution run stopped at 447k steps
 VS_SCHEDULES = {
-    "super-resolution": [("clamped", 0.5, 250_000, 250_000, True), ("reference code, unclamped, step 447k", 0.5, 250_000, 447_000, False)],
+    "super-resolution": [
+        ("clamped", 0.5, 250_000, 250_000, True),
+        ("reference code, unclamped, step 447k", 0.5, 250_000, 447_000, False),
+    ],
     "inpainting": [("clamped", 1.0, 500_000, 500_000, True)],
 }
 
@@ -124,7 +147,9 @@ def sampled_runs(problem, y, x_sde, y_sde, label, samples):
     if label in FULLY_SAMPLED:
         for conditioning in [main] + ([] if y_sde is None else ["consistent"]):
             times = get_timesteps(x_sde, 1000, "uniform_t")
-            x = mf.euler_maruyama(model(conditioning, times), x_sde, None, 1000, model_output="score", shape=shape, generator=generator())
+            x = mf.euler_maruyama(
+                model(conditioning, times), x_sde, None, 1000, model_output="score", shape=shape, generator=generator()
+            )
             runs[(f"Euler-Maruyama 1000, {conditioning}", "sde", conditioning)] = fit(x)
         for solver, nfe in (("sde", 20), ("sde", 100), ("ode", 100)):
             sampler = MRSampler(x_sde, nfe, solver=solver, order=2, model_output="score")
@@ -132,7 +157,9 @@ def sampled_runs(problem, y, x_sde, y_sde, label, samples):
             runs[(f"MR Sampler {solver.upper()}-2 NFE {nfe}, {main}", solver, main)] = fit(x)
     for steps in PC_STEPS if label in FULLY_SAMPLED and y_sde is not None else PC_STEPS[-1:]:
         # a plain SDE (CDE) calls score(x_t, t, ys), which ignores its condition argument
-        x = mf.pc_sample(score, sde, ys, steps, model_output="score", conditioning=main, clip=None, shape=shape, generator=generator())
+        x = mf.pc_sample(
+            score, sde, ys, steps, model_output="score", conditioning=main, clip=None, shape=shape, generator=generator()
+        )
         runs[(f"predictor-corrector {steps}, {main}", None, main)] = fit(x)
     return runs
 
@@ -142,7 +169,9 @@ def monte_carlo_floor(mean, cov, samples, draws=3) -> dict:
     root = torch.linalg.cholesky(cov)
     floors = {"w2": 0.0, "kl": 0.0}
     for k in range(draws):
-        fitted = fit(mean + torch.randn(samples, mean.numel(), generator=torch.Generator().manual_seed(50 + k), dtype=F64) @ root.T)
+        fitted = fit(
+            mean + torch.randn(samples, mean.numel(), generator=torch.Generator().manual_seed(50 + k), dtype=F64) @ root.T
+        )
         floors["w2"] += gaussian_w2(*fitted, mean, cov) / draws
         floors["kl"] += gaussian_kl(mean, cov, *fitted) / draws
     return floors
@@ -150,7 +179,10 @@ def monte_carlo_floor(mean, cov, samples, draws=3) -> dict:
 
 def measure_claim1(args) -> dict:
     x_sde = VESDE(SIGMA_MIN, 8.0)  # the paper's sigma_max = sqrt(D_x), D_x = 64
-    problems = {"super-resolution": GaussianInverseProblem.super_resolution(8, 2), "inpainting": GaussianInverseProblem.inpainting(8, 4)}
+    problems = {
+        "super-resolution": GaussianInverseProblem.super_resolution(8, 2),
+        "inpainting": GaussianInverseProblem.inpainting(8, 4),
+    }
     results = {"x_sde": repr(x_sde), "samples": args.samples, "moment_steps": args.moment_steps, "problems": {}}
     for name, problem in problems.items():
         _, y = problem.sample(1, torch.Generator().manual_seed(0))
@@ -173,7 +205,9 @@ def measure_claim1(args) -> dict:
                 # CDE's clean y is every conditioning at once
                 used = "clean" if y_sde is None else conditioning
                 if (label, solver, used) not in moments:
-                    moments[(label, solver, used)] = problem.sampling_moments(y, x_sde, y_sde, used, solver, steps=args.moment_steps)
+                    moments[(label, solver, used)] = problem.sampling_moments(
+                        y, x_sde, y_sde, used, solver, steps=args.moment_steps
+                    )
                 row["exact"][f"{solver} {conditioning}"] = distances(*moments[(label, solver, used)])
             entry["estimators"].append(row)
         coarse = problem.sampling_moments(y, x_sde, x_sde, "consistent", "sde", steps=args.moment_steps // 2)
@@ -190,7 +224,9 @@ def measure_claim1(args) -> dict:
                     rows[run] = distances(*fitted)
                     if solver is not None:
                         exact = moments[(label, solver, "clean" if y_sde is None else conditioning)]
-                        rows[run].update(w2_to_exact=gaussian_w2(*fitted, *exact), exact_floor=monte_carlo_floor(*exact, args.samples)["w2"])
+                        rows[run].update(
+                            w2_to_exact=gaussian_w2(*fitted, *exact), exact_floor=monte_carlo_floor(*exact, args.samples)["w2"]
+                        )
                 entry["sampled"][label] = rows
         results["problems"][name] = entry
     return results
@@ -210,21 +246,44 @@ def report_claim1(data: dict) -> str:
         "`sampling_moments` integrates its mean and covariance exactly (RK4 on the linear moment equations, "
         f"{data['moment_steps']} steps in log-SNR; halving them moves the result by W2 {sr['moment_integration_w2']:.1e}) for the "
         "continuous-time reverse SDE (what predictor-corrector's predictor, Euler-Maruyama and MR Sampler SDE discretise) and "
-        "the probability-flow ODE, from the sampler's prior N(0, 64 I) to t = 1e-5. y_t: \"fresh\" (a new draw at every call; "
-        "its continuous-time limit is y_t = E[y_t | y]) or \"consistent\" (one forward path). Distances to the true posterior: "
+        'the probability-flow ODE, from the sampler\'s prior N(0, 64 I) to t = 1e-5. y_t: "fresh" (a new draw at every call; '
+        'its continuous-time limit is y_t = E[y_t | y]) or "consistent" (one forward path). Distances to the true posterior: '
         "W2 and KL(posterior || output), both closed form. For scale: a sampler that ignored y (the prior) would be at "
         f"W2 {sr['ignore_y_w2']:.2f} (super-resolution), {data['problems']['inpainting']['ignore_y_w2']:.2f} (inpainting).",
         "",
     ]
     for name, entry in data["problems"].items():
-        lines += [f"Exact sampler output against the posterior, {name} (posterior variances {entry['posterior_eigenvalues'][0]:.1e} to {entry['posterior_eigenvalues'][1]:.1e}):", ""]
+        lines += [
+            f"Exact sampler output against the posterior, {name} (posterior variances {entry['posterior_eigenvalues'][0]:.1e} to {entry['posterior_eigenvalues'][1]:.1e}):",
+            "",
+        ]
         rows = []
         for row in entry["estimators"]:
             e = row["exact"]
             sigma = "0 (clean y)" if row["sigma_y_max"] is None else f"{row['sigma_y_max']:.3g}"
-            rows.append([row["label"], sigma, f"{e['sde fresh']['w2']:.4f}", f"{e['sde fresh']['kl']:.3f}", f"{e['sde consistent']['w2']:.4f}",
-                         f"{e['sde consistent']['kl']:.3f}", f"{e['ode fresh']['w2']:.4f}"])
-        lines += table(["estimator", "sigma_y_max", "W2, reverse SDE, fresh", "KL, SDE fresh", "W2, SDE consistent", "KL, SDE consistent", "W2, ODE fresh"], rows)
+            rows.append(
+                [
+                    row["label"],
+                    sigma,
+                    f"{e['sde fresh']['w2']:.4f}",
+                    f"{e['sde fresh']['kl']:.3f}",
+                    f"{e['sde consistent']['w2']:.4f}",
+                    f"{e['sde consistent']['kl']:.3f}",
+                    f"{e['ode fresh']['w2']:.4f}",
+                ]
+            )
+        lines += table(
+            [
+                "estimator",
+                "sigma_y_max",
+                "W2, reverse SDE, fresh",
+                "KL, SDE fresh",
+                "W2, SDE consistent",
+                "KL, SDE consistent",
+                "W2, ODE fresh",
+            ],
+            rows,
+        )
         lines.append("")
     floor = sr["mc_floor"]
     lines += [
@@ -260,10 +319,16 @@ def verdict_claim1(data: dict) -> str:
         monotone = all(a <= b for a, b in zip(cmde, cmde[1:])) and cmde[-1] <= w2["CDiffE"]
         reproduced &= monotone and w2["CDiffE"] > 10 * w2["CDE"] and cmde[0] < 5 * w2["CDE"]
         slope = math.log(w2["CMDE 0.5"] / w2["CMDE 0.05"]) / math.log(10)
-        vs = " and ".join(f"{w2[label]:.3f} ({label[len('VS-CMDE ('):-1]}: sigma_y_max {rows[label]['sigma_y_max']:.2g})" for label in rows if label.startswith("VS-CMDE"))
-        facts.append(f"{name}: CDiffE W2 {w2['CDiffE']:.3f} ({100 * w2['CDiffE'] / entry['ignore_y_w2']:.0f}% of the distance of ignoring y), CMDE "
-                     f"from {cmde[-1]:.3f} at sigma_y_max 4 {'monotonically' if monotone else 'NOT monotonically'} down to {cmde[0]:.4f} at 0.01 "
-                     f"(W2 ~ sigma_y_max^{slope:.2f} between 0.05 and 0.5) against CDE's {w2['CDE']:.4f}; VS-CMDE {vs}")
+        vs = " and ".join(
+            f"{w2[label]:.3f} ({label[len('VS-CMDE (') : -1]}: sigma_y_max {rows[label]['sigma_y_max']:.2g})"
+            for label in rows
+            if label.startswith("VS-CMDE")
+        )
+        facts.append(
+            f"{name}: CDiffE W2 {w2['CDiffE']:.3f} ({100 * w2['CDiffE'] / entry['ignore_y_w2']:.0f}% of the distance of ignoring y), CMDE "
+            f"from {cmde[-1]:.3f} at sigma_y_max 4 {'monotonically' if monotone else 'NOT monotonically'} down to {cmde[0]:.4f} at 0.01 "
+            f"(W2 ~ sigma_y_max^{slope:.2f} between 0.05 and 0.5) against CDE's {w2['CDE']:.4f}; VS-CMDE {vs}"
+        )
         for label, row in rows.items():
             if label != "CDE":
                 consistent_worse &= row["exact"]["sde consistent"]["w2"] > row["exact"]["sde fresh"]["w2"]
@@ -272,10 +337,18 @@ def verdict_claim1(data: dict) -> str:
                 ode_ratios.append(row["exact"]["ode fresh"]["w2"] / row["exact"]["sde fresh"]["w2"])
         ode_floors.append(f"{rows['CDE']['exact']['ode fresh']['w2']:.3f} ({name})")
     sampled = sr["sampled"]
-    pc = {label: runs[next(run for run in runs if run.startswith("predictor-corrector 1000"))]["w2"] for label, runs in sampled.items()}
+    pc = {
+        label: runs[next(run for run in runs if run.startswith("predictor-corrector 1000"))]["w2"]
+        for label, runs in sampled.items()
+    }
+
     def worst(runs_wanted):
-        return max(values["w2_to_exact"] / values["exact_floor"] for runs in sampled.values() for run, values in runs.items()
-                   if "w2_to_exact" in values and runs_wanted(run))
+        return max(
+            values["w2_to_exact"] / values["exact_floor"]
+            for runs in sampled.values()
+            for run, values in runs.items()
+            if "w2_to_exact" in values and runs_wanted(run)
+        )
 
     converged = worst(lambda run: "NFE 20" not in run)
     floor = sr["mc_floor"]["w2"]
@@ -289,7 +362,7 @@ def verdict_claim1(data: dict) -> str:
         f"(the ODE also carries the prior's mismatch with p_T(x_T | y) to t = 0: CDE's ODE error is {' and '.join(ode_floors)}). "
         f"The package's samplers reproduce the exact outputs: Euler-Maruyama at 1000 steps and the MR Sampler at NFE 100 are within "
         f"{converged:.2f}x of the Monte-Carlo floor of their distance to the exact output, so their discretisation error is negligible "
-        f"against the estimators' (at NFE 20 the MR Sampler's reaches {worst(lambda run: 'NFE 20' in run):.1f}x).",
+        f"against the estimators' (at NFE 20 the MR Sampler's reaches {worst(lambda run: 'NFE 20' in run):.1f}x)."
     ]
     if pc_hides:
         reason.append(
@@ -312,17 +385,32 @@ def plot_claim1(data: dict, axes) -> None:
         rows.sort(key=lambda row: row["sigma_y_max"])
         sigmas = [row["sigma_y_max"] for row in rows]
         for key, style in (("sde fresh", "o-"), ("sde consistent", "s--"), ("ode fresh", "^:")):
-            axis.loglog(sigmas, [row["exact"][key]["w2"] for row in rows], style, label=f"exact, {key.replace('sde', 'reverse SDE').replace('ode', 'ODE')}")
+            axis.loglog(
+                sigmas,
+                [row["exact"][key]["w2"] for row in rows],
+                style,
+                label=f"exact, {key.replace('sde', 'reverse SDE').replace('ode', 'ODE')}",
+            )
         by_label = _by_label(entry)
-        axis.axhline(by_label["CDE"]["exact"]["sde fresh"]["w2"], color="green", linestyle="-.", label="CDE (clean y), reverse SDE")
+        axis.axhline(
+            by_label["CDE"]["exact"]["sde fresh"]["w2"], color="green", linestyle="-.", label="CDE (clean y), reverse SDE"
+        )
         cdiffe = by_label["CDiffE"]
-        axis.annotate("CDiffE", (cdiffe["sigma_y_max"], cdiffe["exact"]["sde fresh"]["w2"]), textcoords="offset points", xytext=(-40, 8))
+        axis.annotate(
+            "CDiffE", (cdiffe["sigma_y_max"], cdiffe["exact"]["sde fresh"]["w2"]), textcoords="offset points", xytext=(-40, 8)
+        )
         for row in entry["estimators"]:
             if row["label"].startswith("VS-CMDE"):
                 axis.axvline(row["sigma_y_max"], color="grey", linewidth=0.8)
-                axis.annotate(row["label"].replace(" (", "\n("), (row["sigma_y_max"], axis.get_ylim()[0] * 1.5), fontsize=6, rotation=90)
+                axis.annotate(
+                    row["label"].replace(" (", "\n("), (row["sigma_y_max"], axis.get_ylim()[0] * 1.5), fontsize=6, rotation=90
+                )
         if "sampled" in entry:
-            points = [(by_label[label]["sigma_y_max"], runs["predictor-corrector 1000, fresh"]["w2"]) for label, runs in entry["sampled"].items() if label != "CDE"]
+            points = [
+                (by_label[label]["sigma_y_max"], runs["predictor-corrector 1000, fresh"]["w2"])
+                for label, runs in entry["sampled"].items()
+                if label != "CDE"
+            ]
             axis.loglog(*zip(*points), "kx", markersize=8, label="sampled, predictor-corrector 1000 steps")
             axis.axhline(entry["mc_floor"]["w2"], color="black", linestyle=":", linewidth=0.8, label="Monte-Carlo floor")
         axis.set_title(f"Claim 1, {name}: W2 to the true posterior", fontsize=9)
@@ -334,7 +422,13 @@ def plot_claim1(data: dict, axes) -> None:
     sampled = data["problems"]["super-resolution"]["sampled"]
     exact = _by_label(data["problems"]["super-resolution"])
     for label, color in (("CDiffE", "C0"), ("CMDE 0.5", "C1")):
-        axis.loglog(PC_STEPS, [sampled[label][f"predictor-corrector {s}, fresh"]["w2"] for s in PC_STEPS], "o-", color=color, label=f"{label}, predictor-corrector")
+        axis.loglog(
+            PC_STEPS,
+            [sampled[label][f"predictor-corrector {s}, fresh"]["w2"] for s in PC_STEPS],
+            "o-",
+            color=color,
+            label=f"{label}, predictor-corrector",
+        )
         axis.axhline(exact[label]["exact"]["sde fresh"]["w2"], color=color, linestyle="--", label=f"{label}, exact reverse SDE")
     axis.axhline(data["problems"]["super-resolution"]["mc_floor"]["w2"], color="black", linestyle=":", label="Monte-Carlo floor")
     axis.set_title("Claim 1, super-resolution: predictor-corrector against steps", fontsize=9)
@@ -361,7 +455,10 @@ def exact_models():
 
 
 def claim5_sdes(dim: int):
-    return {"MRSDE(50/255, cosine)": MRSDE(50 / 255, "cosine", 0.005), f"VESDE(5e-3, {math.sqrt(dim):g})": VESDE(SIGMA_MIN, math.sqrt(dim))}
+    return {
+        "MRSDE(50/255, cosine)": MRSDE(50 / 255, "cosine", 0.005),
+        f"VESDE(5e-3, {math.sqrt(dim):g})": VESDE(SIGMA_MIN, math.sqrt(dim)),
+    }
 
 
 def measure_claim5(args) -> dict:
@@ -377,15 +474,21 @@ def measure_claim5(args) -> dict:
             if isinstance(model, GaussianData):
                 reference = model.flow(sde, x_T, float(sde.T), float(sde.t_end), mu)
             else:
-                reference = reference_ode_solution(model.denoiser(sde, "noise"), sde, x_T, float(sde.T), float(sde.t_end), mu, "noise", steps=2000)
+                reference = reference_ode_solution(
+                    model.denoiser(sde, "noise"), sde, x_T, float(sde.T), float(sde.t_end), mu, "noise", steps=2000
+                )
             for prediction in ("data", "noise"):
                 for solver, options in SOLVERS.items():
                     errors = []
                     for nfe in NFES:
-                        x = MRSampler(sde, nfe, solver="ode", prediction=prediction, model_output="noise", **options).sample(model.denoiser(sde, "noise"), mu, x_T=x_T)
+                        x = MRSampler(sde, nfe, solver="ode", prediction=prediction, model_output="noise", **options).sample(
+                            model.denoiser(sde, "noise"), mu, x_T=x_T
+                        )
                         per_sample = (x - reference).pow(2).mean(1).sqrt()
                         errors.append({"median": float(per_sample.median()), "rms": float(per_sample.pow(2).mean().sqrt())})
-                    results["ode"].append({"model": model_name, "sde": sde_name, "prediction": prediction, "solver": solver, "errors": errors})
+                    results["ode"].append(
+                        {"model": model_name, "sde": sde_name, "prediction": prediction, "solver": solver, "errors": errors}
+                    )
     gaussian = GaussianData(0.4, 0.2)
     sde = MRSDE(50 / 255, "cosine", 0.005)
     mu = torch.rand(1, 8, generator=torch.Generator().manual_seed(2), dtype=F64).expand(args.sde_samples, 8).contiguous()
@@ -429,22 +532,28 @@ def claim5_summary(data: dict):
         second = [min(h, m) for h, m in zip(errors["2 heun"], errors["2 midpoint"])]
         third_over_second = [errors["3"][i] / second[i] for i, n in enumerate(nfes) if 10 <= n <= 20]
         ahead = [i for i in range(len(nfes)) if all(errors["3"][j] <= second[j] for j in range(i, len(nfes)))]
-        summary.append({
-            "model": model, "sde": sde, "prediction": prediction,
-            "heun_over_midpoint": _geomean([errors["2 heun"][i] / errors["2 midpoint"][i] for i, n in enumerate(nfes) if n >= 10]),
-            "heun_over_midpoint_lowest_nfe": errors["2 heun"][0] / errors["2 midpoint"][0],
-            "order3_over_order2": third_over_second,
-            "order3_worse_at": [n for n, r in zip([n for n in nfes if 10 <= n <= 20], third_over_second) if r > 1],
-            "order3_ahead_from": nfes[ahead[0]] if ahead else None,
-        })
+        summary.append(
+            {
+                "model": model,
+                "sde": sde,
+                "prediction": prediction,
+                "heun_over_midpoint": _geomean(
+                    [errors["2 heun"][i] / errors["2 midpoint"][i] for i, n in enumerate(nfes) if n >= 10]
+                ),
+                "heun_over_midpoint_lowest_nfe": errors["2 heun"][0] / errors["2 midpoint"][0],
+                "order3_over_order2": third_over_second,
+                "order3_worse_at": [n for n, r in zip([n for n in nfes if 10 <= n <= 20], third_over_second) if r > 1],
+                "order3_ahead_from": nfes[ahead[0]] if ahead else None,
+            }
+        )
     return summary
 
 
 def report_claim5(data: dict) -> str:
     lines = [
-        "**Method.** `MRSampler(..., multistep=\"heun\" | \"midpoint\")`: \"heun\" (the default, the MR Sampler code's form, so "
+        '**Method.** `MRSampler(..., multistep="heun" | "midpoint")`: "heun" (the default, the MR Sampler code\'s form, so '
         "`compat.DropInMRSampler` stays exact) integrates the linear extrapolation of the prediction exactly (phi_2 weight on "
-        "D1); \"midpoint\" (DPM-Solver++(2M) as k-diffusion and diffusers write it) holds the prediction at its extrapolation to the "
+        'D1); "midpoint" (DPM-Solver++(2M) as k-diffusion and diffusers write it) holds the prediction at its extrapolation to the '
         "step's log-SNR midpoint (weight c0 / 2 on D1). Order 3 uses 2 phi_3 (truly third order) and runs its warm-up steps at "
         "order 2 (heun form). Exact models (msdiff_fast.testing): a Gaussian, a smooth and a sharp Gaussian mixture (the same 8 "
         "means in [0, 1]^16, component std 0.15 and 0.01) and a finite data set (8 points of [0, 1]^48, the sharpest: "
@@ -465,11 +574,26 @@ def report_claim5(data: dict) -> str:
                 body.append([sde, prediction, f"order {solver}"] + [f"{e['median']:.2e}" for e in errors])
         lines += table(["SDE", "prediction", "solver"] + [f"NFE {n}" for n in data["nfes"]], body)
         lines.append("")
-    lines += ["Summary (median errors): heun / midpoint, geometric mean over NFE 10-50 (> 1: midpoint better); order 3 / the better order-2 form at NFE 10, 15, 20 (> 1: order 3 worse).", ""]
-    body = [[s["model"], s["sde"], s["prediction"], f"{s['heun_over_midpoint']:.2f}", " / ".join(f"{r:.2f}" for r in s["order3_over_order2"])] for s in claim5_summary(data)]
+    lines += [
+        "Summary (median errors): heun / midpoint, geometric mean over NFE 10-50 (> 1: midpoint better); order 3 / the better order-2 form at NFE 10, 15, 20 (> 1: order 3 worse).",
+        "",
+    ]
+    body = [
+        [
+            s["model"],
+            s["sde"],
+            s["prediction"],
+            f"{s['heun_over_midpoint']:.2f}",
+            " / ".join(f"{r:.2f}" for r in s["order3_over_order2"]),
+        ]
+        for s in claim5_summary(data)
+    ]
     lines += table(["model", "SDE", "prediction", "heun / midpoint", "order 3 / order 2 at NFE 10 / 15 / 20"], body)
     lines += ["", f"SDE solvers, Gaussian data (W2 per dimension; Monte-Carlo floor {data['sde_floor']:.1e}):", ""]
-    body = [[r["prediction"], f"order {r['solver']}"] + ["diverged" if e is None else f"{e:.2e}" for e in r["errors"]] for r in data["sde"]]
+    body = [
+        [r["prediction"], f"order {r['solver']}"] + ["diverged" if e is None else f"{e:.2e}" for e in r["errors"]]
+        for r in data["sde"]
+    ]
     lines += table(["prediction", "solver"] + [f"NFE {n}" for n in data["nfes"]], body)
     lines += ["", verdict_claim5(data), ""]
     return "\n".join(lines)
@@ -491,8 +615,15 @@ def verdict_claim5(data: dict) -> str:
     sde = {(r["prediction"], r["solver"]): r["errors"] for r in data["sde"]}
     sde_ratio = _geomean([h / m for h, m, n in zip(sde[("data", "2 heun")], sde[("data", "2 midpoint")], nfes) if n >= 10])
     # noise-prediction SDE solvers: the NFE from which both forms stay within 10x the Monte-Carlo floor
-    noise_ok = [n for i, n in enumerate(nfes)
-                if all(e is not None and e < 10 * data["sde_floor"] for solver in ("2 heun", "2 midpoint") for e in sde[("noise", solver)][i:])]
+    noise_ok = [
+        n
+        for i, n in enumerate(nfes)
+        if all(
+            e is not None and e < 10 * data["sde_floor"]
+            for solver in ("2 heun", "2 midpoint")
+            for e in sde[("noise", solver)][i:]
+        )
+    ]
     third_worse = [s for s in summary if s["order3_worse_at"]]
     third_worse_sharp = [s for s in third_worse if kind(s) == "sharp"]
     sharp_count = sum(kind(s) == "sharp" for s in summary)
@@ -506,7 +637,9 @@ def verdict_claim5(data: dict) -> str:
         never = sum(v is None for v in values)
         reached = sorted(v for v in values if v is not None)
         text = f"NFE {reached[0]}-{reached[-1]}" if reached else ""
-        return text + (f"{' in ' + str(len(reached)) + ' cases, ' if reached else ''}not within NFE {nfes[-1]} in {never}" if never else "")
+        return text + (
+            f"{' in ' + str(len(reached)) + ' cases, ' if reached else ''}not within NFE {nfes[-1]} in {never}" if never else ""
+        )
 
     reason = (
         f"At NFE 10-50 the midpoint form has the smaller error in {sum(s['heun_over_midpoint'] > 1 for s in summary)} of {len(summary)} "
@@ -518,8 +651,8 @@ def verdict_claim5(data: dict) -> str:
         f"are far from the data below NFE {noise_ok[0] if noise_ok else 'the largest measured'} in both forms. Order 3 is worse than the better order-2 form somewhere in NFE 10-20 in "
         f"{len(third_worse_sharp)} of the {sharp_count} sharp cases (up to {worst_third:.0f}x) and "
         f"{len(third_worse) - len(third_worse_sharp)} of the {len(summary) - sharp_count} smooth ones; it stays ahead from "
-        f"{ahead(smooth_ahead)} on smooth data but from {ahead(sharp_ahead)} on sharp data. Recommendation: keep \"heun\" as the "
-        "default, because compat.DropInMRSampler must match the MR Sampler code; use multistep=\"midpoint\" at NFE >= 10 for "
+        f'{ahead(smooth_ahead)} on smooth data but from {ahead(sharp_ahead)} on sharp data. Recommendation: keep "heun" as the '
+        'default, because compat.DropInMRSampler must match the MR Sampler code; use multistep="midpoint" at NFE >= 10 for '
         "models of our own; on sharp, multimodal data use order 2 below NFE "
         f"{max([v for v in sharp_ahead if v is not None] + [nfes[0]])} and order 3 from there; on smooth data order 3 from NFE "
         f"{max([v for v in smooth_ahead if v is not None] + [nfes[0]])}."
@@ -546,26 +679,56 @@ def plot_claim5(data: dict, axes) -> None:
 CLAIMS: Dict[int, Claim] = {
     claim.number: claim
     for claim in (
-        Claim(1, "CDiffE's approximation error and CMDE's fix",
-              "Batzolis et al.: CDiffE and CMDE learn grad_x log p_t(x_t | y_t) and sample with a diffused y_t in place of y, an "
-              "approximation of grad log p_t(x_t | y) that CDE learns exactly; its error shrinks with the y-speed sigma_y and "
-              "vanishes as sigma_y_max -> 0, where CMDE becomes CDE.",
-              measure_claim1, report_claim1, plot_claim1, 3),
-        Claim(2, "The four estimators trained on the same task and budget",
-              "Batzolis et al. (super-resolution, inpainting, edge-to-image): CMDE and VS-CMDE score as well as or better than CDE, "
-              "which scores better than CDiffE.",
-              measure_claim2, report_claim2, plot_claim2, 2),
-        Claim(3, "Data prediction is stable, noise prediction is not, at NFE 5-10",
-              "The MR Sampler paper's ablation: with few steps, solvers that integrate the data prediction stay stable and accurate "
-              "where the noise-prediction ones degrade or diverge.",
-              measure_claim3, report_claim3, plot_claim3, 3),
-        Claim(4, "NFE for parity with the slow reference",
-              "The MR Sampler paper: 10-20 NFE match posterior sampling at 100 NFE (10-20x fewer network evaluations).",
-              measure_claim4, report_claim4, plot_claim4, 3),
-        Claim(5, "Second-order form: heun or midpoint, and order 3 against order 2",
-              "DPM-Solver++(2M)'s midpoint form has 1.1-1.6x smaller error than the MR Sampler code's heun form at equal NFE on exact "
-              "mixture models; the truly third-order method is sometimes worse than order 2 at NFE 10-20 on sharp mixtures.",
-              measure_claim5, report_claim5, plot_claim5, 4),
+        Claim(
+            1,
+            "CDiffE's approximation error and CMDE's fix",
+            "Batzolis et al.: CDiffE and CMDE learn grad_x log p_t(x_t | y_t) and sample with a diffused y_t in place of y, an "
+            "approximation of grad log p_t(x_t | y) that CDE learns exactly; its error shrinks with the y-speed sigma_y and "
+            "vanishes as sigma_y_max -> 0, where CMDE becomes CDE.",
+            measure_claim1,
+            report_claim1,
+            plot_claim1,
+            3,
+        ),
+        Claim(
+            2,
+            "The four estimators trained on the same task and budget",
+            "Batzolis et al. (super-resolution, inpainting, edge-to-image): CMDE and VS-CMDE score as well as or better than CDE, "
+            "which scores better than CDiffE.",
+            measure_claim2,
+            report_claim2,
+            plot_claim2,
+            2,
+        ),
+        Claim(
+            3,
+            "Data prediction is stable, noise prediction is not, at NFE 5-10",
+            "The MR Sampler paper's ablation: with few steps, solvers that integrate the data prediction stay stable and accurate "
+            "where the noise-prediction ones degrade or diverge.",
+            measure_claim3,
+            report_claim3,
+            plot_claim3,
+            3,
+        ),
+        Claim(
+            4,
+            "NFE for parity with the slow reference",
+            "The MR Sampler paper: 10-20 NFE match posterior sampling at 100 NFE (10-20x fewer network evaluations).",
+            measure_claim4,
+            report_claim4,
+            plot_claim4,
+            3,
+        ),
+        Claim(
+            5,
+            "Second-order form: heun or midpoint, and order 3 against order 2",
+            "DPM-Solver++(2M)'s midpoint form has 1.1-1.6x smaller error than the MR Sampler code's heun form at equal NFE on exact "
+            "mixture models; the truly third-order method is sometimes worse than order 2 at NFE 10-20 on sharp mixtures.",
+            measure_claim5,
+            report_claim5,
+            plot_claim5,
+            4,
+        ),
     )
 }
 
@@ -582,9 +745,18 @@ def render(store: dict, out_dir: Path) -> None:
     ]
     for number in numbers:
         entry = store[str(number)]
-        lines += [f"## Claim {number}: {entry['title']}", "", f"**Claim.** {entry['statement']}", "", CLAIMS[number].report(entry["data"])]
-        lines += [f"Measured on {entry['machine']}, {entry['date']}: {entry['seconds']:.0f} s wall, {entry['cpu_seconds']:.0f} s CPU "
-                  f"(load average {entry['load']:.1f} from other work on the machine), `{entry['command']}`.", ""]
+        lines += [
+            f"## Claim {number}: {entry['title']}",
+            "",
+            f"**Claim.** {entry['statement']}",
+            "",
+            CLAIMS[number].report(entry["data"]),
+        ]
+        lines += [
+            f"Measured on {entry['machine']}, {entry['date']}: {entry['seconds']:.0f} s wall, {entry['cpu_seconds']:.0f} s CPU "
+            f"(load average {entry['load']:.1f} from other work on the machine), `{entry['command']}`.",
+            "",
+        ]
     atomic_write(out_dir / "paper_claims.md", lambda handle: handle.write("\n".join(lines).encode()))
     panels = max(CLAIMS[n].panels for n in numbers)
     figure, axes = plt.subplots(len(numbers), panels, figsize=(5 * panels, 4.5 * len(numbers)), squeeze=False)
@@ -607,7 +779,14 @@ def cpu_seconds() -> float:
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claims", type=int, nargs="+", choices=sorted(CLAIMS), default=sorted(CLAIMS), help="claims to measure (default: all implemented)")
+    parser.add_argument(
+        "--claims",
+        type=int,
+        nargs="+",
+        choices=sorted(CLAIMS),
+        default=sorted(CLAIMS),
+        help="claims to measure (default: all implemented)",
+    )
     parser.add_argument("--samples", type=int, default=4096, help="claim 1: samples per sampled run")
     parser.add_argument("--moment-steps", type=int, default=200, help="claim 1: RK4 steps of the exact moment equations")
     parser.add_argument("--batch", type=int, default=128, help="claim 5: ODE samples per run")
@@ -617,7 +796,9 @@ def parse_args():
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     if min(args.samples, args.batch, args.sde_samples) < 2 or args.moment_steps < 2:
-        parser.error(f"--samples, --batch, --sde-samples, --moment-steps: expected sizes >= 2, got {args.samples}, {args.batch}, {args.sde_samples}, {args.moment_steps}")
+        parser.error(
+            f"--samples, --batch, --sde-samples, --moment-steps: expected sizes >= 2, got {args.samples}, {args.batch}, {args.sde_samples}, {args.moment_steps}"
+        )
     return args
 
 
@@ -634,7 +815,12 @@ def main():
     for number in [] if args.render else args.claims:
         start, start_cpu = time.perf_counter(), cpu_seconds()
         data = CLAIMS[number].measure(args)
-        measured[number] = {"data": data, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - start_cpu, "load": os.getloadavg()[0]}
+        measured[number] = {
+            "data": data,
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": cpu_seconds() - start_cpu,
+            "load": os.getloadavg()[0],
+        }
         print(f"claim {number}: {measured[number]['seconds']:.0f} s", flush=True)
     store_path = args.out_dir / "paper_claims.json"
     # one run at a time updates the store and renders the report from it (a lock on the folder itself)
@@ -644,14 +830,22 @@ def main():
         store = json.loads(store_path.read_text()) if store_path.exists() else {}
         for number, result in measured.items():
             claim = CLAIMS[number]
-            store[str(number)] = {"title": claim.title, "statement": claim.statement, **result,
-                                  "date": datetime.date.today().isoformat(), "command": command, "machine": machine}
+            store[str(number)] = {
+                "title": claim.title,
+                "statement": claim.statement,
+                **result,
+                "date": datetime.date.today().isoformat(),
+                "command": command,
+                "machine": machine,
+            }
         atomic_write(store_path, lambda handle: handle.write(json.dumps(store, indent=1).encode()))
         render(store, args.out_dir)
     finally:
         os.close(folder)
     print((args.out_dir / "paper_claims.md").read_text())
-    print(f"wrote {args.out_dir / 'paper_claims.md'}, paper_claims.png and paper_claims.json in {time.perf_counter() - total:.0f} s")
+    print(
+        f"wrote {args.out_dir / 'paper_claims.md'}, paper_claims.png and paper_claims.json in {time.perf_counter() - total:.0f} s"
+    )
 
 
 if __name__ == "__main__":

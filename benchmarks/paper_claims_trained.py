@@ -24,16 +24,21 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from msdiff_fast.cli import ModelSpec, SamplerSpec, consistency_operator, image_metrics, load_trained, restore_images
-from msdiff_fast.demo import DemoSettings, demo_models, run_demo, test_pairs
+from msdiff_fast.demo import DemoSettings, demo_models, run_demo
+from msdiff_fast.demo.experiment import test_pairs
+from msdiff_fast.metrics import image_metrics
+from msdiff_fast.restoration import ModelSpec, SamplerSpec, load_trained, restore_images
 from msdiff_fast.samplers import UnstableSolverWarning
+from msdiff_fast.training.tasks import consistency_operator
 
 ESTIMATOR_LABELS = {"cde": "CDE", "cdiffe": "CDiffE", "cmde": "CMDE", "vscmde": "VS-CMDE"}
 PARITY_DB = 0.1
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
+    ]
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -59,7 +64,7 @@ def estimator_spec(estimator: str, settings: DemoSettings) -> ModelSpec:
 def held_out_crops(settings: DemoSettings, per_image: int) -> torch.Tensor:
     """``per_image`` training-size crops of each held-out photograph, evenly spaced on a grid of
     one or two rows: [N, 3, S, S]."""
-    from msdiff_fast.demo import held_out_images
+    from msdiff_fast.demo.experiment import held_out_images
 
     size, crops = settings.image_size, []
     rows = 2 if per_image % 2 == 0 else 1
@@ -69,25 +74,38 @@ def held_out_crops(settings: DemoSettings, per_image: int) -> torch.Tensor:
         for row in range(rows):
             for column in range(columns):
                 top, left = (height - size) * (row + 1) // (rows + 1), (width - size) * (column + 1) // (columns + 1)
-                crops.append(image[:, top:top + size, left:left + size])
+                crops.append(image[:, top : top + size, left : left + size])
     return torch.stack(crops)
 
 
 def train_and_score(estimator: str, seed: int, settings: DemoSettings, crops: torch.Tensor, pc_nfe: int, mr_nfe: int) -> Dict:
     """Train one estimator with one seed (a worker's job, one thread) and score both samplers on ``crops``."""
     from msdiff_fast.training import ConditionalPairs
+    from msdiff_fast.training.config import TrainConfig
     from msdiff_fast.training.data import ImagePatches
     from msdiff_fast.training.photos import TRAINING_PHOTOS, load_photos
-    from msdiff_fast.training.trainer import TrainConfig, Trainer
+    from msdiff_fast.training.trainer import Trainer
 
     torch.set_num_threads(1)
     spec = estimator_spec(estimator, settings)
     photos = load_photos(TRAINING_PHOTOS, 3, settings.downscale)
-    dataset = ConditionalPairs(ImagePatches(list(photos.values()), settings.image_size, "random", patches_per_image=64), spec.degradation(), seed=seed)
+    dataset = ConditionalPairs(
+        ImagePatches(list(photos.values()), settings.image_size, "random", patches_per_image=64), spec.degradation(), seed=seed
+    )
     with tempfile.TemporaryDirectory() as run_dir:  # the trainer's final checkpoint is not kept
-        config = TrainConfig(steps=settings.train_steps, batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
-                             ema_decay=0.999, amp=settings.amp, seed=seed, log_every=settings.train_steps, checkpoint_every=0,
-                             out_dir=run_dir, progress=False)
+        config = TrainConfig(
+            steps=settings.train_steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            warmup=settings.warmup,
+            ema_decay=0.999,
+            amp=settings.amp,
+            seed=seed,
+            log_every=settings.train_steps,
+            checkpoint_every=0,
+            out_dir=run_dir,
+            progress=False,
+        )
         trainer = Trainer(spec.network(seed=seed), spec.build_estimator(), dataset, config, description=spec.description())
         try:
             trainer.fit()
@@ -99,11 +117,23 @@ def train_and_score(estimator: str, seed: int, settings: DemoSettings, crops: to
     scores = {}
     for sampler in (SamplerSpec("mr-sde", mr_nfe), SamplerSpec("pc", pc_nfe)):
         started = time.perf_counter()
-        restored = restore_images(network, trained_estimator, list(conditions), sampler, seed + 100, settings.image_size, 0, batch=len(crops))
+        restored = restore_images(
+            network, trained_estimator, list(conditions), sampler, seed + 100, settings.image_size, 0, batch=len(crops)
+        )
         metrics = image_metrics(torch.stack(restored)[None], crops, operator)
-        scores[sampler.name] = {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "consistency": metrics["consistency"],
-                                "seconds": time.perf_counter() - started}
-    return {"estimator": estimator, "seed": seed, "train_seconds": trainer.seconds, "loss": trainer.last_metrics.get("loss"), **scores}
+        scores[sampler.name] = {
+            "psnr": metrics["psnr"],
+            "ssim": metrics["ssim"],
+            "consistency": metrics["consistency"],
+            "seconds": time.perf_counter() - started,
+        }
+    return {
+        "estimator": estimator,
+        "seed": seed,
+        "train_seconds": trainer.seconds,
+        "loss": trainer.last_metrics.get("loss"),
+        **scores,
+    }
 
 
 def measure_claim2(args) -> Dict:
@@ -111,25 +141,43 @@ def measure_claim2(args) -> Dict:
     its settings: an interrupted measurement resumes where it stopped."""
     settings = DemoSettings.full().replace(train_steps=args.estimator_steps)
     crops = held_out_crops(settings, args.crops_per_image)
-    bicubic = image_metrics(_bicubic(crops, settings.sr_scale)[None], crops, consistency_operator("sr", {"scale": settings.sr_scale}))
-    setup = {"steps": settings.train_steps, "crops": len(crops), "crop_size": settings.image_size, "pc_nfe": args.pc_nfe, "mr_nfe": 20}
+    bicubic = image_metrics(
+        _bicubic(crops, settings.sr_scale)[None], crops, consistency_operator("sr", {"scale": settings.sr_scale})
+    )
+    setup = {
+        "steps": settings.train_steps,
+        "crops": len(crops),
+        "crop_size": settings.image_size,
+        "pc_nfe": args.pc_nfe,
+        "mr_nfe": 20,
+    }
     done_path = Path(args.out_dir) / "claim2_runs.jsonl"
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     runs = {(run["estimator"], run["seed"]): run for run in done if run["setup"] == setup}
     jobs = [(estimator, seed) for seed in range(args.seeds) for estimator in ESTIMATOR_LABELS if (estimator, seed) not in runs]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        futures = {pool.submit(train_and_score, estimator, seed, settings, crops, args.pc_nfe, setup["mr_nfe"]): None for estimator, seed in jobs}
+        futures = {
+            pool.submit(train_and_score, estimator, seed, settings, crops, args.pc_nfe, setup["mr_nfe"]): None
+            for estimator, seed in jobs
+        }
         for future in as_completed(futures):
             run = {**future.result(), "setup": setup}
             runs[(run["estimator"], run["seed"])] = run
             with done_path.open("a") as handle:
                 handle.write(json.dumps(run) + "\n")
-            print(f"claim 2: {ESTIMATOR_LABELS[run['estimator']]} seed {run['seed']}: PC {run['pc']['psnr']:.2f} dB, "
-                  f"MR NFE 20 {run['mr-sde']['psnr']:.2f} dB ({run['train_seconds']:.0f} s training)", flush=True)
+            print(
+                f"claim 2: {ESTIMATOR_LABELS[run['estimator']]} seed {run['seed']}: PC {run['pc']['psnr']:.2f} dB, "
+                f"MR NFE 20 {run['mr-sde']['psnr']:.2f} dB ({run['train_seconds']:.0f} s training)",
+                flush=True,
+            )
     ordered = [runs[(estimator, seed)] for seed in range(args.seeds) for estimator in ESTIMATOR_LABELS]
-    return {**setup, "seeds": args.seeds, "bicubic": {"psnr": bicubic["psnr"], "ssim": bicubic["ssim"], "consistency": bicubic["consistency"]},
-            "runs": [{k: v for k, v in run.items() if k != "setup"} for run in ordered]}
+    return {
+        **setup,
+        "seeds": args.seeds,
+        "bicubic": {"psnr": bicubic["psnr"], "ssim": bicubic["ssim"], "consistency": bicubic["consistency"]},
+        "runs": [{k: v for k, v in run.items() if k != "setup"} for run in ordered],
+    }
 
 
 def _bicubic(crops: torch.Tensor, scale: int) -> torch.Tensor:
@@ -163,18 +211,24 @@ def verdict_claim2(data: Dict) -> str:
     orders = {sampler: " > ".join(ESTIMATOR_LABELS[k] for k in _ranking(data, sampler)) for sampler in ("pc", "mr-sde")}
     multi_speed_first = all(_ranking(data, s)[0] in ("cmde", "vscmde") for s in ("pc", "mr-sde"))
     cdiffe_last = all(_ranking(data, s)[-1] == "cdiffe" for s in ("pc", "mr-sde"))
-    clear = [f"{ESTIMATOR_LABELS[a]} > {ESTIMATOR_LABELS[b]}" for s in ("pc",) for a, b in (("cmde", "cdiffe"), ("cde", "cdiffe"), ("cmde", "cde"), ("vscmde", "cde"))
-             if _separated(data, s, a, b)]
+    clear = [
+        f"{ESTIMATOR_LABELS[a]} > {ESTIMATOR_LABELS[b]}"
+        for s in ("pc",)
+        for a, b in (("cmde", "cdiffe"), ("cde", "cdiffe"), ("cmde", "cde"), ("vscmde", "cde"))
+        if _separated(data, s, a, b)
+    ]
     if multi_speed_first and cdiffe_last:
         verdict = "reproduced"
     elif multi_speed_first or cdiffe_last:
         verdict = "partly"
     else:
         verdict = "not reproduced"
-    return (f"**Verdict: {verdict}** at this scale ({data['steps']} steps, {data['seeds']} seeds). Mean PSNR order with PC {data['pc_nfe']}: "
-            f"{orders['pc']}; with the MR Sampler at NFE {data['mr_nfe']}: {orders['mr-sde']}. Differences larger than the seeds' spread "
-            f"(PC): {', '.join(clear) if clear else 'none'}. Every model is far below bicubic ({data['bicubic']['psnr']:.2f} dB) at this "
-            "budget, so this ranks how fast each estimator learns in its first minutes, not where it converges (the paper trains ~1M steps).")
+    return (
+        f"**Verdict: {verdict}** at this scale ({data['steps']} steps, {data['seeds']} seeds). Mean PSNR order with PC {data['pc_nfe']}: "
+        f"{orders['pc']}; with the MR Sampler at NFE {data['mr_nfe']}: {orders['mr-sde']}. Differences larger than the seeds' spread "
+        f"(PC): {', '.join(clear) if clear else 'none'}. Every model is far below bicubic ({data['bicubic']['psnr']:.2f} dB) at this "
+        "budget, so this ranks how fast each estimator learns in its first minutes, not where it converges (the paper trains ~1M steps)."
+    )
 
 
 def report_claim2(data: Dict) -> str:
@@ -187,18 +241,36 @@ def report_claim2(data: Dict) -> str:
         rows.append(cells)
     rows.append(["bicubic (input)"] + [f"{data['bicubic'][m]:.2f}" for m in ("psnr", "ssim", "consistency")] * 2)
     seconds = [run["train_seconds"] for run in data["runs"]]
-    lines = [f"Super-resolution x2 on the demo's photographs (training crops of scikit-image's training photographs, downscaled 4x), "
-             f"tiny U-Net, the demo's recipe (Adam 1e-3, EMA, bfloat16, batch 16), {data['steps']} steps, seeds 0-{data['seeds'] - 1} "
-             f"(network, data order and noise); {sum(seconds) / len(seconds):.0f} s of training per model on one thread. Scored on "
-             f"{data['crops']} crops of {data['crop_size']}x{data['crop_size']} from the held-out photographs (chelsea, coffee), one sample "
-             "each; mean ± std over the seeds. Consistency: PSNR between the downsampled restoration and the low-resolution input.", "",
-             *table(["estimator", f"PC {data['pc_nfe']} PSNR", "PC SSIM", "PC consistency", f"MR NFE {data['mr_nfe']} PSNR", "MR SSIM",
-                     "MR consistency"], rows), "", verdict_claim2(data), ""]
+    lines = [
+        f"Super-resolution x2 on the demo's photographs (training crops of scikit-image's training photographs, downscaled 4x), "
+        f"tiny U-Net, the demo's recipe (Adam 1e-3, EMA, bfloat16, batch 16), {data['steps']} steps, seeds 0-{data['seeds'] - 1} "
+        f"(network, data order and noise); {sum(seconds) / len(seconds):.0f} s of training per model on one thread. Scored on "
+        f"{data['crops']} crops of {data['crop_size']}x{data['crop_size']} from the held-out photographs (chelsea, coffee), one sample "
+        "each; mean ± std over the seeds. Consistency: PSNR between the downsampled restoration and the low-resolution input.",
+        "",
+        *table(
+            [
+                "estimator",
+                f"PC {data['pc_nfe']} PSNR",
+                "PC SSIM",
+                "PC consistency",
+                f"MR NFE {data['mr_nfe']} PSNR",
+                "MR SSIM",
+                "MR consistency",
+            ],
+            rows,
+        ),
+        "",
+        verdict_claim2(data),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plot_claim2(data: Dict, axes) -> None:
-    for axis, sampler, title in zip(axes, ("pc", "mr-sde"), (f"PC {data['pc_nfe']} NFE", f"MR Sampler SDE-2, NFE {data['mr_nfe']}")):
+    for axis, sampler, title in zip(
+        axes, ("pc", "mr-sde"), (f"PC {data['pc_nfe']} NFE", f"MR Sampler SDE-2, NFE {data['mr_nfe']}")
+    ):
         values = _by_estimator(data, sampler, "psnr")
         for x, key in enumerate(ESTIMATOR_LABELS):
             axis.scatter([x] * len(values[key]), values[key], color="C0")
@@ -237,7 +309,16 @@ def score(model, trained, pairs, sampler: SamplerSpec, copies: int, seed: int, s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnstableSolverWarning)
         try:
-            restored = restore_images(trained.network, trained.estimator, conditions, sampler, seed, settings.image_size, settings.image_size // 4, batch=64)
+            restored = restore_images(
+                trained.network,
+                trained.estimator,
+                conditions,
+                sampler,
+                seed,
+                settings.image_size,
+                settings.image_size // 4,
+                batch=64,
+            )
         except FloatingPointError as err:
             return {"psnr": None, "failure": str(err).split("\n")[0][:160]}
     samples = {name: torch.stack([restored[c * len(names) + i] for c in range(copies)]) for i, name in enumerate(names)}
@@ -252,7 +333,11 @@ def score(model, trained, pairs, sampler: SamplerSpec, copies: int, seed: int, s
 PREDICTION_NFES = (5, 10, 20, 50)
 # (solver, order, prediction, multistep)
 PREDICTION_SOLVERS = [(solver, 2, prediction, "heun") for solver in ("mr-sde", "mr-ode") for prediction in ("data", "noise")] + [
-    ("mr-sde", 2, "data", "midpoint"), ("mr-ode", 2, "data", "midpoint"), ("mr-ode", 3, "data", "heun"), ("mr-sde", 1, "data", "heun")]
+    ("mr-sde", 2, "data", "midpoint"),
+    ("mr-ode", 2, "data", "midpoint"),
+    ("mr-ode", 3, "data", "heun"),
+    ("mr-sde", 1, "data", "heun"),
+]
 
 
 def solver_label(solver: str, order: int, prediction: str, multistep: str) -> str:
@@ -265,11 +350,24 @@ def measure_claim3(args) -> Dict:
     for model, trained, pairs, _, settings in trained_models(args):
         rows = []
         for solver, order, prediction, multistep in PREDICTION_SOLVERS:
-            results = [score(model, trained, pairs, SamplerSpec(solver, nfe, order=order, prediction=prediction, multistep=multistep),
-                             args.copies, 1000 + nfe, settings) for nfe in PREDICTION_NFES]
+            results = [
+                score(
+                    model,
+                    trained,
+                    pairs,
+                    SamplerSpec(solver, nfe, order=order, prediction=prediction, multistep=multistep),
+                    args.copies,
+                    1000 + nfe,
+                    settings,
+                )
+                for nfe in PREDICTION_NFES
+            ]
             rows.append({"solver": solver, "order": order, "prediction": prediction, "multistep": multistep, "results": results})
-            print(f"claim 3: {model.key} {solver_label(solver, order, prediction, multistep)}: "
-                  f"{[r['psnr'] and round(r['psnr'], 2) for r in results]}", flush=True)
+            print(
+                f"claim 3: {model.key} {solver_label(solver, order, prediction, multistep)}: "
+                f"{[r['psnr'] and round(r['psnr'], 2) for r in results]}",
+                flush=True,
+            )
         models[model.key] = {"title": model.title, "images": list(pairs), "rows": rows}
     return {"nfes": list(PREDICTION_NFES), "copies": args.copies, "models": models}
 
@@ -303,21 +401,31 @@ def verdict_claim3(data: Dict) -> str:
                     behind.append(f"{key} {solver[3:].upper()} NFE {nfe} ({n['psnr'] - d['psnr']:.2f} dB)")
     every_model = {key for key, _ in collapsed} == set(data["models"])
     verdict = "reproduced" if every_model and not behind else "partly" if collapsed else "not reproduced"
-    return (f"**Verdict: {verdict}.** Of {cases} (model, solver, NFE <= 10) cases, noise prediction diverged or fell more than "
-            f"{COLLAPSE_DB:g} dB below data prediction in {len(collapsed)}: {', '.join(c for _, c in collapsed) or 'none'}. "
-            f"Data prediction was more than 0.1 dB behind in: {', '.join(behind) or 'none'}. At NFE >= 20 the two differ by at most "
-            f"{max(late_gaps, default=float('nan')):.2f} dB.")
+    return (
+        f"**Verdict: {verdict}.** Of {cases} (model, solver, NFE <= 10) cases, noise prediction diverged or fell more than "
+        f"{COLLAPSE_DB:g} dB below data prediction in {len(collapsed)}: {', '.join(c for _, c in collapsed) or 'none'}. "
+        f"Data prediction was more than 0.1 dB behind in: {', '.join(behind) or 'none'}. At NFE >= 20 the two differ by at most "
+        f"{max(late_gaps, default=float('nan')):.2f} dB."
+    )
 
 
 def report_claim3(data: Dict) -> str:
-    lines = [f"The demo's three trained models (the committed `msdiff demo` run), whole held-out photographs, {data['copies']} samples "
-             f"per image, PSNR in dB, MR Sampler with uniform log-SNR steps at NFE {', '.join(str(n) for n in data['nfes'])}. "
-             "SDE-2 / ODE-2 are the MR Sampler code's heun form unless marked midpoint; ODE-3 is the third-order ODE solver. "
-             "The mean-reverting models output a residual (data), the CMDE model noise; the solver converts to the prediction it integrates.", ""]
+    lines = [
+        f"The demo's three trained models (the committed `msdiff demo` run), whole held-out photographs, {data['copies']} samples "
+        f"per image, PSNR in dB, MR Sampler with uniform log-SNR steps at NFE {', '.join(str(n) for n in data['nfes'])}. "
+        "SDE-2 / ODE-2 are the MR Sampler code's heun form unless marked midpoint; ODE-3 is the third-order ODE solver. "
+        "The mean-reverting models output a residual (data), the CMDE model noise; the solver converts to the prediction it integrates.",
+        "",
+    ]
     for key, model in data["models"].items():
         lines += [f"**{key}** ({model['title']}; {', '.join(model['images'])})", ""]
-        lines += table(["solver"] + [f"NFE {n}" for n in data["nfes"]],
-                       [[solver_label(r["solver"], r["order"], r["prediction"], r["multistep"])] + [_cell(x) for x in r["results"]] for r in model["rows"]])
+        lines += table(
+            ["solver"] + [f"NFE {n}" for n in data["nfes"]],
+            [
+                [solver_label(r["solver"], r["order"], r["prediction"], r["multistep"])] + [_cell(x) for x in r["results"]]
+                for r in model["rows"]
+            ],
+        )
         lines.append("")
     lines += [verdict_claim3(data), "", claim5_on_trained(data), ""]
     return "\n".join(lines)
@@ -335,11 +443,13 @@ def claim5_on_trained(data: Dict) -> str:
         for second, third in zip(rows[("mr-ode", 2, "data", "heun")], rows[("mr-ode", 3, "data", "heun")]):
             if second["psnr"] is not None and third["psnr"] is not None:
                 order3_gain.append(third["psnr"] - second["psnr"])
-    return (f"**Claim 5 on these trained models.** Midpoint minus heun (data prediction, order 2, every model, solver and NFE): "
-            f"{min(midpoint_gain):+.2f} to {max(midpoint_gain):+.2f} dB, mean {sum(midpoint_gain) / len(midpoint_gain):+.3f} dB; "
-            f"ODE order 3 minus order 2: {min(order3_gain):+.2f} to {max(order3_gain):+.2f} dB, mean {sum(order3_gain) / len(order3_gain):+.3f} dB. "
-            "On a network's output PSNR these forms differ far less than on exact models: the network's error, not the solver's, "
-            "dominates at NFE >= 10.")
+    return (
+        f"**Claim 5 on these trained models.** Midpoint minus heun (data prediction, order 2, every model, solver and NFE): "
+        f"{min(midpoint_gain):+.2f} to {max(midpoint_gain):+.2f} dB, mean {sum(midpoint_gain) / len(midpoint_gain):+.3f} dB; "
+        f"ODE order 3 minus order 2: {min(order3_gain):+.2f} to {max(order3_gain):+.2f} dB, mean {sum(order3_gain) / len(order3_gain):+.3f} dB. "
+        "On a network's output PSNR these forms differ far less than on exact models: the network's error, not the solver's, "
+        "dominates at NFE >= 10."
+    )
 
 
 def plot_claim3(data: Dict, axes) -> None:
@@ -348,8 +458,13 @@ def plot_claim3(data: Dict, axes) -> None:
             if row["multistep"] != "heun" or row["order"] != 2:
                 continue
             values = [r["psnr"] if r["psnr"] is not None else float("nan") for r in row["results"]]
-            axis.plot(data["nfes"], values, marker="o", linestyle="-" if row["prediction"] == "data" else "--",
-                      label=solver_label(row["solver"], row["order"], row["prediction"], row["multistep"]))
+            axis.plot(
+                data["nfes"],
+                values,
+                marker="o",
+                linestyle="-" if row["prediction"] == "data" else "--",
+                label=solver_label(row["solver"], row["order"], row["prediction"], row["multistep"]),
+            )
         axis.set_xscale("log")
         axis.set_xlabel("NFE")
         axis.set_ylabel("PSNR (dB)")
@@ -366,10 +481,15 @@ def measure_claim4(args) -> Dict:
         reference = next(row for row in demo_metrics["rows"] if row["sampler"] == model.reference.name)
         rows = []
         for solver in ("mr-sde", "mr-ode"):
-            results = [score(model, trained, pairs, SamplerSpec(solver, nfe), args.copies, 2000 + nfe, settings) for nfe in PARITY_NFES]
+            results = [
+                score(model, trained, pairs, SamplerSpec(solver, nfe), args.copies, 2000 + nfe, settings) for nfe in PARITY_NFES
+            ]
             rows.append({"solver": solver, "results": results})
             print(f"claim 4: {model.key} {solver}: {[r['psnr'] and round(r['psnr'], 2) for r in results]}", flush=True)
-        models[model.key] = {"reference": {"sampler": reference["sampler"], "nfe": reference["nfe"], "psnr": reference["psnr"]}, "rows": rows}
+        models[model.key] = {
+            "reference": {"sampler": reference["sampler"], "nfe": reference["nfe"], "psnr": reference["psnr"]},
+            "rows": rows,
+        }
     return {"nfes": list(PARITY_NFES), "copies": args.copies, "tolerance_db": PARITY_DB, "models": models}
 
 
@@ -391,27 +511,50 @@ def report_claim4(data: Dict) -> str:
         for row in model["rows"]:
             parity = parity_nfe(data, key, row["solver"])
             speedup = f"{reference['nfe'] / parity:.0f}x fewer" if parity else "n/a"
-            rows.append([key, f"{reference['sampler']} {reference['nfe']}: {reference['psnr']:.2f}", row["solver"][3:].upper() + "-2 data",
-                         " / ".join(_cell(r) for r in row["results"]), parity or f"> {data['nfes'][-1]}", speedup])
+            rows.append(
+                [
+                    key,
+                    f"{reference['sampler']} {reference['nfe']}: {reference['psnr']:.2f}",
+                    row["solver"][3:].upper() + "-2 data",
+                    " / ".join(_cell(r) for r in row["results"]),
+                    parity or f"> {data['nfes'][-1]}",
+                    speedup,
+                ]
+            )
     found = [parity_nfe(data, k, r["solver"]) for k, m in data["models"].items() for r in m["rows"]]
     reached = [n for n in found if n]
     verdict = "reproduced" if len(reached) == len(found) and max(reached) <= 20 else "partly" if reached else "not reproduced"
-    lines = [f"Smallest NFE from which the MR Sampler's PSNR stays within {data['tolerance_db']} dB of the slow reference's (or above it); "
-             f"the reference PSNR is the committed demo run's; MR Sampler at NFE {', '.join(str(n) for n in data['nfes'])}, "
-             f"{data['copies']} samples per image.", "",
-             *table(["model", "reference (dB)", "MR Sampler", "PSNR at each NFE", "parity NFE", "NFE saved"], rows), "",
-             f"**Verdict: {verdict}.** The MR Sampler paper reports 10-20 NFE for parity with posterior sampling at 100; reached here at "
-             f"{', '.join(str(n) for n in reached) if reached else 'no'} NFE ({len(reached)} of {len(found)} model-solver pairs).", ""]
+    lines = [
+        f"Smallest NFE from which the MR Sampler's PSNR stays within {data['tolerance_db']} dB of the slow reference's (or above it); "
+        f"the reference PSNR is the committed demo run's; MR Sampler at NFE {', '.join(str(n) for n in data['nfes'])}, "
+        f"{data['copies']} samples per image.",
+        "",
+        *table(["model", "reference (dB)", "MR Sampler", "PSNR at each NFE", "parity NFE", "NFE saved"], rows),
+        "",
+        f"**Verdict: {verdict}.** The MR Sampler paper reports 10-20 NFE for parity with posterior sampling at 100; reached here at "
+        f"{', '.join(str(n) for n in reached) if reached else 'no'} NFE ({len(reached)} of {len(found)} model-solver pairs).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plot_claim4(data: Dict, axes) -> None:
     for axis, (key, model) in zip(axes, data["models"].items()):
         for row in model["rows"]:
-            axis.plot(data["nfes"], [r["psnr"] if r["psnr"] is not None else float("nan") for r in row["results"]], marker="o", label=row["solver"])
+            axis.plot(
+                data["nfes"],
+                [r["psnr"] if r["psnr"] is not None else float("nan") for r in row["results"]],
+                marker="o",
+                label=row["solver"],
+            )
         reference = model["reference"]
-        axis.axhspan(reference["psnr"] - data["tolerance_db"], reference["psnr"] + data["tolerance_db"], color="gray", alpha=0.3,
-                     label=f"{reference['sampler']} {reference['nfe']} ± {data['tolerance_db']} dB")
+        axis.axhspan(
+            reference["psnr"] - data["tolerance_db"],
+            reference["psnr"] + data["tolerance_db"],
+            color="gray",
+            alpha=0.3,
+            label=f"{reference['sampler']} {reference['nfe']} ± {data['tolerance_db']} dB",
+        )
         axis.set_xscale("log")
         axis.set_xlabel("NFE")
         axis.set_ylabel("PSNR (dB)")
@@ -420,7 +563,9 @@ def plot_claim4(data: Dict, axes) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--demo", default="demo_out", help="claims 3-4: a finished `msdiff demo` folder (made there when missing)")
+    parser.add_argument(
+        "--demo", default="demo_out", help="claims 3-4: a finished `msdiff demo` folder (made there when missing)"
+    )
     parser.add_argument("--copies", type=int, default=2, help="claims 3-4: samples per held-out image")
     parser.add_argument("--seeds", type=int, default=3, help="claim 2: training seeds per estimator")
     parser.add_argument("--estimator-steps", type=int, default=800, help="claim 2: training steps per model (the demo's)")

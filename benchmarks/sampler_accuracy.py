@@ -40,6 +40,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import DATA_MEAN, DATA_STD, per_dimension_w2  # noqa: E402
+
 from msdiff_fast import MRSampler, euler_maruyama, posterior_sample, probability_flow_euler  # noqa: E402
 from msdiff_fast.samplers import UnstableSolverWarning  # noqa: E402
 from msdiff_fast.sde import MRSDE  # noqa: E402
@@ -47,7 +49,6 @@ from msdiff_fast.testing import FiniteData, GaussianData, reference_ode_solution
 
 RESULTS = Path(__file__).resolve().parent / "results"
 F64 = torch.float64
-DATA_MEAN, DATA_STD = 0.4, 0.2
 
 
 def problems():
@@ -84,12 +85,6 @@ STOCHASTIC = {
 }
 
 
-def gaussian_w2(samples: torch.Tensor) -> float:
-    flat = samples.reshape(samples.shape[0], -1).double()
-    mean, std = flat.mean(0), flat.std(0)
-    return float(torch.sqrt((mean - DATA_MEAN) ** 2 + (std - DATA_STD) ** 2).mean())
-
-
 def run_or_diverge(function, *args) -> torch.Tensor:
     """The sampler's result, or None when it diverges (noise-prediction SDEs at low NFE)."""
     with warnings.catch_warnings():
@@ -122,7 +117,9 @@ def measure(args):
         x_T = sde.prior(mu, g)
         exact = points.denoiser(sde, "noise")
         start = time.perf_counter()
-        reference = reference_ode_solution(exact, sde, x_T, float(sde.T), float(sde.t_end), mu, "noise", steps=args.reference_steps)
+        reference = reference_ode_solution(
+            exact, sde, x_T, float(sde.T), float(sde.t_end), mu, "noise", steps=args.reference_steps
+        )
         reference_time = time.perf_counter() - start
         deterministic = {}
         for label, function in tqdm(DETERMINISTIC.items(), desc=f"deterministic, {name[:10]}", leave=False):
@@ -135,15 +132,25 @@ def measure(args):
         gaussian = GaussianData(DATA_MEAN, DATA_STD)
         g = torch.Generator().manual_seed(1)
         mu_many = torch.rand(1, 8, generator=g, dtype=F64).expand(args.samples, 8).contiguous()
-        floor = sum(gaussian_w2(gaussian.sample((args.samples, 8), torch.Generator().manual_seed(100 + k))) for k in range(5)) / 5
+        floor = (
+            sum(per_dimension_w2(gaussian.sample((args.samples, 8), torch.Generator().manual_seed(100 + k))) for k in range(5))
+            / 5
+        )
         stochastic = {}
         for label, function in tqdm(STOCHASTIC.items(), desc=f"stochastic, {name[:10]}", leave=False):
             errors = []
             for k, nfe in enumerate(args.nfe):
-                x = run_or_diverge(function, gaussian.denoiser(sde, "noise"), sde, mu_many, nfe, None, torch.Generator().manual_seed(10 + k))
-                errors.append(None if x is None else gaussian_w2(x))
+                x = run_or_diverge(
+                    function, gaussian.denoiser(sde, "noise"), sde, mu_many, nfe, None, torch.Generator().manual_seed(10 + k)
+                )
+                errors.append(None if x is None else per_dimension_w2(x))
             stochastic[label] = errors
-        results[name] = {"deterministic": deterministic, "stochastic": stochastic, "floor": floor, "reference_time": reference_time}
+        results[name] = {
+            "deterministic": deterministic,
+            "stochastic": stochastic,
+            "floor": floor,
+            "reference_time": reference_time,
+        }
     return results
 
 
@@ -166,7 +173,7 @@ def write_report(args, results, seconds):
         f"{args.samples} samples and the data N({DATA_MEAN}, {DATA_STD}^2), averaged over 8 dimensions (GaussianData); "
         "the Monte-Carlo floor is that statistic for exact samples of the same size, averaged over 5 draws (single runs scatter around it by about 30%). "
         "MR Sampler: uniform log-SNR steps, lower-order final steps below NFE 10; posterior sampling, "
-        "Euler-Maruyama and probability-flow Euler: uniform steps in t. \"order\": minus the log-log slope over NFE >= 50 (it flattens where a stochastic sampler's error reaches the Monte-Carlo floor). "
+        'Euler-Maruyama and probability-flow Euler: uniform steps in t. "order": minus the log-log slope over NFE >= 50 (it flattens where a stochastic sampler\'s error reaches the Monte-Carlo floor). '
         "All network outputs are the exact noise prediction.",
         "",
     ]
@@ -190,7 +197,7 @@ def write_report(args, results, seconds):
         "points (as the official MR Sampler code does), so off the grid lam differs from log(alpha / sigma) "
         "by up to 0.05 in the first cells. Every solver that takes lam from the schedule converges to its own "
         "limit, not to the reference (which follows lam), and the deterministic errors level off instead of "
-        "falling with NFE. The continuous schedule and the discrete one with interpolation=\"exact\" (thetabar "
+        'falling with NFE. The continuous schedule and the discrete one with interpolation="exact" (thetabar '
         "linear between grid points: the exact solution of the discrete SDE) have no such inconsistency and "
         "show the solvers' orders.",
         "- The noise-prediction SDE solver's variance sigma_t^2 (e^(2h) - 1) explodes when the log-SNR step h is "
@@ -217,7 +224,10 @@ def plot(args, results):
                     axis.loglog(*zip(*pairs), marker="o", label=label)
             if kind == "stochastic":
                 axis.axhline(result["floor"], color="grey", linestyle=":", label="Monte-Carlo floor")
-            axis.set_title(f"{name}\n{kind}: " + ("RMS error vs reference ODE" if kind == "deterministic" else "Gaussian W2 per dimension"), fontsize=9)
+            axis.set_title(
+                f"{name}\n{kind}: " + ("RMS error vs reference ODE" if kind == "deterministic" else "Gaussian W2 per dimension"),
+                fontsize=9,
+            )
             axis.set_xlabel("NFE")
             axis.set_ylabel("error")
             axis.grid(True, which="both", alpha=0.3)
@@ -240,7 +250,9 @@ def parse_args():
     if args.quick:
         args.samples, args.reference_steps = 1024, 500
     if min(args.nfe) < 1 or args.samples < 2 or args.batch < 1 or args.reference_steps < 1:
-        parser.error(f"--nfe, --samples, --batch, --reference-steps: expected positive sizes, got {args.nfe}, {args.samples}, {args.batch}, {args.reference_steps}")
+        parser.error(
+            f"--nfe, --samples, --batch, --reference-steps: expected positive sizes, got {args.nfe}, {args.samples}, {args.batch}, {args.reference_steps}"
+        )
     return args
 
 

@@ -1,4 +1,4 @@
-"""``python -m msdiff_fast``: the ``msdiff`` command (see msdiff_fast/cli.py)."""
+"""``python -m msdiff_fast``: the ``msdiff`` command (see msdiff_fast/cli/)."""
 
 from .cli import main
 

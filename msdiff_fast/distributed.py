@@ -5,7 +5,7 @@ reads them (one process without them). ``shard`` gives each rank its part of a l
 items, so that every item is handled by exactly one rank. For results that do not depend on the
 number of processes, shard whole units of work (e.g. the batches a single process would form,
 in its order) and seed each unit from its own index, never from a generator shared along the
-list.
+list. ``ProcessGroup`` holds the launch's processes together for one command.
 """
 
 import os
@@ -16,6 +16,7 @@ Item = TypeVar("Item")
 
 def distributed_env() -> Tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment (0, 0, 1 without it)."""
+
     def read(name: str, default: int) -> int:
         value = os.environ.get(name, str(default))
         if not value.isdigit():
@@ -42,3 +43,46 @@ def shard(items: Sequence[Item], rank: int, world_size: int) -> List[Item]:
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
         raise TypeError(f"items: expected a sequence (list, tuple, range), got {type(items).__name__}")
     return list(items[rank::world_size])
+
+
+class ProcessGroup:
+    """The processes of a torchrun launch as one group for the duration of a command (a
+    gloo/nccl group is created if none exists, and destroyed after); one process: no-ops."""
+
+    def __init__(self, world: int, device):
+        self.world, self.device, self.created = world, device, False
+
+    def __enter__(self) -> "ProcessGroup":
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.created = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        if self.created:
+            dist.destroy_process_group()
+
+    def broadcast(self, value):
+        """Rank 0's ``value``, on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, count: int) -> int:
+        """The sum of ``count`` over the processes (a barrier too)."""
+        if self.world == 1:
+            return count
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([count], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)
+        return int(tensor.item())

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .training.checkpoint import load_data
+from .training.checkpoint import file_in, load_data
 
 PathLike = Union[str, "os.PathLike[str]"]
 FEATURES = 2048
@@ -67,12 +67,15 @@ class BlockA(nn.Module):
         self.branch_pool = ConvBN(in_channels, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            _chain(x, (self.branch5x5_1, self.branch5x5_2)),
-            _chain(x, (self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)),
-            self.branch_pool(_average_pool(x)),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                _chain(x, (self.branch5x5_1, self.branch5x5_2)),
+                _chain(x, (self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)),
+                self.branch_pool(_average_pool(x)),
+            ],
+            dim=1,
+        )
 
 
 class BlockB(nn.Module):
@@ -86,11 +89,14 @@ class BlockB(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            _chain(x, (self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                _chain(x, (self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            dim=1,
+        )
 
 
 class BlockC(nn.Module):
@@ -111,12 +117,17 @@ class BlockC(nn.Module):
         self.branch_pool = ConvBN(in_channels, 192, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            _chain(x, (self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)),
-            _chain(x, (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5)),
-            self.branch_pool(_average_pool(x)),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                _chain(x, (self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)),
+                _chain(
+                    x, (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5)
+                ),
+                self.branch_pool(_average_pool(x)),
+            ],
+            dim=1,
+        )
 
 
 class BlockD(nn.Module):
@@ -132,11 +143,14 @@ class BlockD(nn.Module):
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            _chain(x, (self.branch3x3_1, self.branch3x3_2)),
-            _chain(x, (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], dim=1)
+        return torch.cat(
+            [
+                _chain(x, (self.branch3x3_1, self.branch3x3_2)),
+                _chain(x, (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            dim=1,
+        )
 
 
 class BlockE(nn.Module):
@@ -160,12 +174,17 @@ class BlockE(nn.Module):
         narrow = self.branch3x3_1(x)
         wide = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _average_pool(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(narrow), self.branch3x3_2b(narrow),
-            self.branch3x3dbl_3a(wide), self.branch3x3dbl_3b(wide),
-            self.branch_pool(pooled),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(narrow),
+                self.branch3x3_2b(narrow),
+                self.branch3x3dbl_3a(wide),
+                self.branch3x3dbl_3b(wide),
+                self.branch_pool(pooled),
+            ],
+            dim=1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -196,8 +215,15 @@ class FIDInceptionV3(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
-            got = f"shape {tuple(images.shape)} dtype {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.ndim != 4
+            or images.shape[1] not in (1, 3)
+            or not images.is_floating_point()
+        ):
+            got = (
+                f"shape {tuple(images.shape)} dtype {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+            )
             raise ValueError(f"images: expected a float tensor [N, 1 or 3, H, W] in [0, 1], got {got}")
         x = images.to(self.Conv2d_1a_3x3.conv.weight.dtype)
         if x.shape[1] == 1:
@@ -208,8 +234,22 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = _chain(x, (self.Conv2d_3b_1x1, self.Conv2d_4a_3x3))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = _chain(x, (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c))
+        x = _chain(
+            x,
+            (
+                self.Mixed_5b,
+                self.Mixed_5c,
+                self.Mixed_5d,
+                self.Mixed_6a,
+                self.Mixed_6b,
+                self.Mixed_6c,
+                self.Mixed_6d,
+                self.Mixed_6e,
+                self.Mixed_7a,
+                self.Mixed_7b,
+                self.Mixed_7c,
+            ),
+        )
         return x.mean(dim=(2, 3))
 
 
@@ -234,29 +274,37 @@ def load_inception(path: PathLike, device: Optional[Union[str, torch.device]] = 
     weights_only=True, e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or a .safetensors
     file; a directory is searched for the pytorch-fid file name. Raises FileNotFoundError, or
     ValueError naming the missing, unexpected or misshapen keys; the file never runs code."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, PYTORCH_FID_FILE)
+    path = file_in(path, PYTORCH_FID_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights not found: {path!r}; expected a state dict of the FID Inception-v3 "
-                                f"(pytorch-fid's {PYTORCH_FID_FILE}); it is never downloaded")
+        raise FileNotFoundError(
+            f"Inception weights not found: {path!r}; expected a state dict of the FID Inception-v3 "
+            f"(pytorch-fid's {PYTORCH_FID_FILE}); it is never downloaded"
+        )
     try:
         state = _read_state_dict(path)
     except Exception as err:  # pickle, zip, safetensors errors: a file that is not plain tensors
-        raise ValueError(f"Inception weights {path}: not a state dict of tensors ({' '.join(str(err).split())[:200]}); a "
-                         f"TorchScript file needs --inception-torchscript / load_inception_torchscript(trust_code=True), "
-                         f"which runs code") from None
+        raise ValueError(
+            f"Inception weights {path}: not a state dict of tensors ({' '.join(str(err).split())[:200]}); a "
+            f"TorchScript file needs --inception-torchscript / load_inception_torchscript(trust_code=True), "
+            f"which runs code"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"Inception weights {path}: expected a dict of parameter names to tensors, got {type(state).__name__}")
     network = FIDInceptionV3()
     state = {k: v for k, v in state.items() if k not in _UNUSED and not k.endswith("num_batches_tracked")}
     own = {k: v for k, v in network.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    reshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in sorted(own.keys() & state.keys())
-                if state[k].shape != own[k].shape]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+        for k in sorted(own.keys() & state.keys())
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or reshaped:
-        parts = [f"{label} {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", reshaped)) if items]
+        parts = [
+            f"{label} {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", reshaped))
+            if items
+        ]
         raise ValueError(f"Inception weights {path}: not the FID Inception-v3: {'; '.join(parts)}")
     network.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return network.to(device) if device is not None else network

@@ -5,17 +5,20 @@ Images are float tensors [B, C, H, W] in [0, data_range] (default [0, 1]); per-i
 return float64 tensors [B]. PSNR and SSIM are computed on the 0-255 scale like the paper.
 Nothing is ever downloaded: pretrained networks are read from files the user already has.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
 import warnings
-from typing import Callable, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .training.checkpoint import file_in, load_data
 
 PathLike = Union[str, "os.PathLike[str]"]
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -39,8 +42,7 @@ def _check_pair(name_a: str, a, name_b: str, b) -> None:
     _check_image(name_a, a)
     _check_image(name_b, b)
     if a.shape != b.shape:
-        raise ValueError(f"{name_b}: expected the shape of {name_a} {tuple(a.shape)}, "
-                         f"got {tuple(b.shape)}")
+        raise ValueError(f"{name_b}: expected the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -68,24 +70,22 @@ def _to_255(x, data_range, crop_border, y_channel, quantize) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- PSNR / SSIM
-def psnr(x, y, *, data_range=1.0, crop_border=0, y_channel=False, quantize=False,
-         reduction="none") -> torch.Tensor:
+def psnr(x, y, *, data_range=1.0, crop_border=0, y_channel=False, quantize=False, reduction="none") -> torch.Tensor:
     """Per-image PSNR in dB on the 0-255 scale; identical images give +inf (no cap)."""
     _check_pair("x", x, "y", y)
     a = _to_255(x, data_range, crop_border, y_channel, quantize)
     b = _to_255(y, data_range, crop_border, y_channel, quantize)
     mse = (a - b).pow(2).flatten(1).mean(dim=1)
-    return _reduce(10.0 * torch.log10(255.0 ** 2 / mse), reduction)
+    return _reduce(10.0 * torch.log10(255.0**2 / mse), reduction)
 
 
 def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     return g / g.sum()  # separable: outer(g, g) is MATLAB's fspecial('gaussian', 11, 1.5)
 
 
-def ssim(x, y, *, data_range=1.0, crop_border=0, y_channel=False, quantize=False,
-         reduction="none") -> torch.Tensor:
+def ssim(x, y, *, data_range=1.0, crop_border=0, y_channel=False, quantize=False, reduction="none") -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004, MATLAB ssim_index): 11x11 Gaussian window, sigma 1.5,
     K1=0.01, K2=0.03, L=255, 'valid' filtering, mean over pixels then channels; float64."""
     _check_pair("x", x, "y", y)
@@ -101,10 +101,9 @@ def ssim(x, y, *, data_range=1.0, crop_border=0, y_channel=False, quantize=False
     stack = F.conv2d(stack, g.view(1, 1, size, 1).expand(groups, 1, size, 1), groups=groups)
     stack = F.conv2d(stack, g.view(1, 1, 1, size).expand(groups, 1, 1, size), groups=groups)
     mu_a, mu_b, e_aa, e_bb, e_ab = stack.split(channels, dim=1)
-    var_a, var_b, cov = e_aa - mu_a ** 2, e_bb - mu_b ** 2, e_ab - mu_a * mu_b
+    var_a, var_b, cov = e_aa - mu_a**2, e_bb - mu_b**2, e_ab - mu_a * mu_b
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-        (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return _reduce(ssim_map.mean(dim=(2, 3)).mean(dim=1), reduction)
 
 
@@ -121,10 +120,39 @@ def diversity(samples, *, data_range=1.0, unbiased=False) -> torch.Tensor:
     on the 0-255 scale, per input [B]. Population std (numpy's default) unless unbiased."""
     _check_image("samples", samples, ndim=5)
     if samples.shape[0] < 2:
-        raise ValueError(f"samples: expected at least 2 samples along dim 0, "
-                         f"got {samples.shape[0]}")
+        raise ValueError(f"samples: expected at least 2 samples along dim 0, got {samples.shape[0]}")
     s = samples.to(torch.float64) * (255.0 / data_range)
     return s.std(dim=0, correction=int(unbiased)).flatten(1).mean(dim=1)
+
+
+def image_metrics(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    operator: Optional[Callable] = None,
+    feature_net: Optional[Callable] = None,
+    lpips_net: Optional[Callable] = None,
+    inception: Optional[Callable] = None,
+) -> Dict[str, Optional[float]]:
+    """Metrics of restored ``samples`` [S, B, C, H, W] (S samples of each of B inputs) against
+    ``reference`` [B, C, H, W]: PSNR / SSIM / consistency / LPIPS averaged over every sample,
+    diversity (mean per-pixel std over the S samples, 0-255; None when S = 1), FID of all samples
+    vs the references with the SmallFeatureNet (``feature_net``; a demo statistic, not comparable
+    with published FID) and with Inception (``inception``). Missing metrics are None."""
+    count = samples.shape[0]
+    flat = samples.reshape(-1, *samples.shape[2:]).float()
+    repeated = reference.float().repeat(count, 1, 1, 1)
+    enough_for_fid = reference.shape[0] >= 2
+    return {
+        "psnr": float(psnr(flat, repeated).mean()),
+        "ssim": float(ssim(flat, repeated).mean()) if min(reference.shape[-2:]) >= 11 else None,
+        "consistency": float(consistency(flat, repeated, operator).clamp(max=100).mean()) if operator is not None else None,
+        "diversity": float(diversity(samples.float()).mean()) if count > 1 else None,
+        "fid_small": fid(reference.float(), flat, feature_net) if feature_net is not None and enough_for_fid else None,
+        "fid_inception": fid(reference.float(), flat, inception) if inception is not None and enough_for_fid else None,
+        "lpips": float(torch.cat([lpips_net(flat[i : i + 16], repeated[i : i + 16]) for i in range(0, flat.shape[0], 16)]).mean())
+        if lpips_net is not None
+        else None,
+    }
 
 
 # ---------------------------------------------------------------------------- Fréchet distance
@@ -164,8 +192,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     mu1, mu2 = (torch.as_tensor(m).to(torch.float64) for m in (mu1, mu2))
     cov1, cov2 = (torch.as_tensor(c).to(torch.float64) for c in (cov1, cov2))
     d = mu1.shape[0]
-    for name, t, shape in (("mu1", mu1, (d,)), ("cov1", cov1, (d, d)),
-                           ("mu2", mu2, (d,)), ("cov2", cov2, (d, d))):
+    for name, t, shape in (("mu1", mu1, (d,)), ("cov1", cov1, (d, d)), ("mu2", mu2, (d,)), ("cov2", cov2, (d, d))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     root1 = _psd_sqrt(cov1)
@@ -187,13 +214,13 @@ class FID:
     @torch.no_grad()
     def features(self, images, name: str = "images") -> torch.Tensor:
         _check_image(name, images)
-        chunks = [self.feature_fn(images[i:i + self.batch_size]).flatten(1)
-                  for i in range(0, images.shape[0], self.batch_size)]
+        chunks = [self.feature_fn(images[i : i + self.batch_size]).flatten(1) for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(chunks).to("cpu", torch.float64)
 
     def __call__(self, real, fake) -> float:
-        return frechet_distance(*feature_statistics(self.features(real, "real")),
-                                *feature_statistics(self.features(fake, "fake")))
+        return frechet_distance(
+            *feature_statistics(self.features(real, "real")), *feature_statistics(self.features(fake, "fake"))
+        )
 
 
 def fid(real, fake, feature_fn, batch_size: int = 64) -> float:
@@ -243,16 +270,17 @@ def load_inception_torchscript(path: PathLike, device=None, *, trust_code: bool 
     ``trust_code=True``, for files from a source you trust. ``msdiff_fast.inception.load_inception``
     reads the same network's weights as data and is what the package itself uses."""
     if trust_code is not True:
-        raise ValueError("trust_code: loading a TorchScript file runs code from it; pass trust_code=True only for a file you "
-                         "trust, or load a state dict with msdiff_fast.inception.load_inception (data only)")
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, INCEPTION_FILE)
+        raise ValueError(
+            "trust_code: loading a TorchScript file runs code from it; pass trust_code=True only for a file you "
+            "trust, or load a state dict with msdiff_fast.inception.load_inception (data only)"
+        )
+    path = file_in(path, INCEPTION_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception TorchScript file not found: {path!r}. Expected NVIDIA's "
             f"'{INCEPTION_FILE}' (the StyleGAN2-ADA / clean-fid FID network); it is never "
-            f"downloaded, obtain it separately.")
+            f"downloaded, obtain it separately."
+        )
     with warnings.catch_warnings():  # the file is TorchScript: jit.load is the only way in
         warnings.simplefilter("ignore", DeprecationWarning)
         model = torch.jit.load(path, map_location=device).eval()
@@ -266,8 +294,7 @@ class SmallFeatureNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 16, seed: int = 0):
         super().__init__()
         chans = [in_channels, width, 2 * width, 4 * width]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1)
-                                   for i in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(3))
         gen = torch.Generator().manual_seed(seed)  # local generator: global RNG untouched
         for conv in self.convs:
             fan_in = conv.weight[0].numel()
@@ -290,21 +317,26 @@ class SmallFeatureNet(nn.Module):
 # ---------------------------------------------------------------------------- LPIPS
 # torchvision alexnet.features: (index in features, in, out, kernel, stride, padding);
 # a 3x3/2 max-pool follows convs 0 and 3. LPIPS taps the ReLU after each conv.
-_ALEX_CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1),
-               (8, 384, 256, 3, 1, 1), (10, 256, 256, 3, 1, 1)]
+_ALEX_CONVS = [
+    (0, 3, 64, 11, 4, 2),
+    (3, 64, 192, 5, 1, 2),
+    (6, 192, 384, 3, 1, 1),
+    (8, 384, 256, 3, 1, 1),
+    (10, 256, 256, 3, 1, 1),
+]
 
 
 def _load_state(path: str, what: str) -> dict:
-    from .training.checkpoint import load_data
-
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS weights not found: {path!r} (expected {what}). "
-                                f"Nothing is downloaded; obtain the file separately.")
+        raise FileNotFoundError(
+            f"LPIPS weights not found: {path!r} (expected {what}). Nothing is downloaded; obtain the file separately."
+        )
     try:
         state = load_data(path)
     except Exception as err:  # pickle and zip errors: a file that is not plain tensors (or holds code)
-        raise ValueError(f"LPIPS weights {path}: not a state dict of tensors (read with weights_only=True: "
-                         f"{' '.join(str(err).split())[:200]})") from None
+        raise ValueError(
+            f"LPIPS weights {path}: not a state dict of tensors (read with weights_only=True: {' '.join(str(err).split())[:200]})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"LPIPS weights {path}: expected a dict of parameter names to tensors, got {type(state).__name__}")
     return state
@@ -322,21 +354,21 @@ class LPIPS(nn.Module):
         super().__init__()
         if net != "alex":
             raise ValueError(f"net: only 'alex' is implemented, got {net!r}")
-        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, stride=s, padding=p)
-                                   for _, i, o, k, s, p in _ALEX_CONVS)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, stride=s, padding=p) for _, i, o, k, s, p in _ALEX_CONVS)
         self.lins = nn.ModuleList(nn.Conv2d(o, 1, 1, bias=False) for _, _, o, *_ in _ALEX_CONVS)
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if pretrained:
             if weights is None:
-                raise ValueError(f"weights: expected a directory with '{ALEXNET_FILE}' and "
-                                 f"'{LPIPS_ALEX_FILE}' (or pretrained=False for tests), got None")
+                raise ValueError(
+                    f"weights: expected a directory with '{ALEXNET_FILE}' and "
+                    f"'{LPIPS_ALEX_FILE}' (or pretrained=False for tests), got None"
+                )
             self.load_weights(weights)
         else:
             gen = torch.Generator().manual_seed(seed)
             for conv in self.convs:
-                conv.weight.data = torch.randn(conv.weight.shape, generator=gen) * math.sqrt(
-                    2 / conv.weight[0].numel())
+                conv.weight.data = torch.randn(conv.weight.shape, generator=gen) * math.sqrt(2 / conv.weight[0].numel())
                 conv.bias.data.zero_()
             for lin in self.lins:  # LPIPS heads are non-negative
                 lin.weight.data = torch.rand(lin.weight.shape, generator=gen) / lin.in_channels
@@ -345,16 +377,17 @@ class LPIPS(nn.Module):
 
     def load_weights(self, weights) -> None:
         if isinstance(weights, (tuple, list)):
-            state = {**_load_state(os.fspath(weights[0]), f"torchvision '{ALEXNET_FILE}'"),
-                     **_load_state(os.fspath(weights[1]), f"LPIPS v0.1 '{LPIPS_ALEX_FILE}'")}
+            state = {
+                **_load_state(os.fspath(weights[0]), f"torchvision '{ALEXNET_FILE}'"),
+                **_load_state(os.fspath(weights[1]), f"LPIPS v0.1 '{LPIPS_ALEX_FILE}'"),
+            }
         elif os.path.isdir(weights):
-            state = {**_load_state(os.path.join(weights, ALEXNET_FILE),
-                                   f"torchvision AlexNet weights '{ALEXNET_FILE}'"),
-                     **_load_state(os.path.join(weights, LPIPS_ALEX_FILE),
-                                   f"LPIPS v0.1 linear weights '{LPIPS_ALEX_FILE}'")}
+            state = {
+                **_load_state(os.path.join(weights, ALEXNET_FILE), f"torchvision AlexNet weights '{ALEXNET_FILE}'"),
+                **_load_state(os.path.join(weights, LPIPS_ALEX_FILE), f"LPIPS v0.1 linear weights '{LPIPS_ALEX_FILE}'"),
+            }
         else:
-            state = _load_state(os.fspath(weights), "a state dict with AlexNet trunk and "
-                                "LPIPS 'lin0.model.1.weight'... keys")
+            state = _load_state(os.fspath(weights), "a state dict with AlexNet trunk and LPIPS 'lin0.model.1.weight'... keys")
         # lpips.LPIPS stores the trunk as net.slice{k}.{features index}.*
         state = {re.sub(r"^net\.slice\d\.", "features.", k): v for k, v in state.items()}
         key_map = {}  # our parameter name -> published key name
@@ -368,8 +401,9 @@ class LPIPS(nn.Module):
         own = self.state_dict()
         for my_key, their_key in key_map.items():
             if state[their_key].shape != own[my_key].shape:
-                raise ValueError(f"weights: {their_key} expected shape {tuple(own[my_key].shape)}, "
-                                 f"got {tuple(state[their_key].shape)}")
+                raise ValueError(
+                    f"weights: {their_key} expected shape {tuple(own[my_key].shape)}, got {tuple(state[their_key].shape)}"
+                )
             own[my_key] = state[their_key]
         self.load_state_dict(own)
 

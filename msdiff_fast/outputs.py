@@ -51,8 +51,10 @@ def check_separate_folders(output: PathLike, output_flag: str, source: PathLike,
         relation = "contains"
     else:
         return
-    raise ValueError(f"{output_flag} {output}: expected a folder apart from {source_flag} {source}, but it {relation} it "
-                     f"(resolved: {out} vs {src}); choose another {output_flag}")
+    raise ValueError(
+        f"{output_flag} {output}: expected a folder apart from {source_flag} {source}, but it {relation} it "
+        f"(resolved: {out} vs {src}); choose another {output_flag}"
+    )
 
 
 def check_no_collisions(names: Iterable[str], sources: Iterable[PathLike], flag: str) -> None:
@@ -60,15 +62,18 @@ def check_no_collisions(names: Iterable[str], sources: Iterable[PathLike], flag:
     first = {}
     for name, source in zip(names, sources):
         if name in first:
-            raise ValueError(f"{flag}: {first[name]} and {source} would both be written as {name!r}; "
-                             f"rename one of them (nothing was written)")
+            raise ValueError(
+                f"{flag}: {first[name]} and {source} would both be written as {name!r}; rename one of them (nothing was written)"
+            )
         first[name] = source
 
 
 class OutputFolder:
     """A folder this process alone writes to while the ``with`` block runs (see the module docstring)."""
 
-    def __init__(self, path: PathLike, flag: str = "--out", overwrite: bool = False, overwrite_flag: Optional[str] = "--overwrite"):
+    def __init__(
+        self, path: PathLike, flag: str = "--out", overwrite: bool = False, overwrite_flag: Optional[str] = "--overwrite"
+    ):
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
         self.path, self.flag, self.overwrite, self.overwrite_flag = Path(path), flag, overwrite, overwrite_flag
@@ -94,8 +99,10 @@ class OutputFolder:
             try:
                 handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                raise FolderBusyError(f"{self.flag} {self.path}: another msdiff run is writing there ({lock} exists; "
-                                      f"delete it if no run is going on)") from None
+                raise FolderBusyError(
+                    f"{self.flag} {self.path}: another msdiff run is writing there ({lock} exists; "
+                    f"delete it if no run is going on)"
+                ) from None
             os.write(handle, f"{os.getpid()}\n".encode())
             return handle
         while True:
@@ -106,8 +113,10 @@ class OutputFolder:
                 holder = os.read(handle, 32).decode(errors="replace").strip()
                 os.close(handle)
                 pid = f" (pid {holder})" if holder.isdigit() else ""
-                raise FolderBusyError(f"{self.flag} {self.path}: another msdiff run{pid} is writing there; "
-                                      f"wait for it to finish or choose another {self.flag}") from None
+                raise FolderBusyError(
+                    f"{self.flag} {self.path}: another msdiff run{pid} is writing there; "
+                    f"wait for it to finish or choose another {self.flag}"
+                ) from None
             # The holder before us may have unlinked the file between our open and our flock: then
             # we locked a file nobody else will ever see, so start again on the current one.
             try:
@@ -146,7 +155,9 @@ class OutputFolder:
         if existing:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             remedy = f"pass {self.overwrite_flag} to replace them or " if self.overwrite_flag else ""
-            raise FileExistsError(f"{self.flag} {self.path}: {existing[0]}{more} already exist(s); {remedy}choose another {self.flag}")
+            raise FileExistsError(
+                f"{self.flag} {self.path}: {existing[0]}{more} already exist(s); {remedy}choose another {self.flag}"
+            )
 
     def write(self, relative: PathLike, write: Callable[[Any], None]) -> Path:
         """Write ``path/relative`` atomically: ``write(binary_file)`` fills a temp file beside it."""

@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checks import check_positive, per_sample
+
 Time = Union[float, int, torch.Tensor]
 
 
@@ -28,12 +30,6 @@ def as_time(t: Time, name: str = "t") -> torch.Tensor:
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         return torch.tensor(float(t), dtype=torch.float64)
     raise TypeError(f"{name}: expected a float or a tensor, got {type(t).__name__}")
-
-
-def _check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
-    return float(value)
 
 
 def _bisect_decreasing(fn, target: torch.Tensor, lo: float, hi: float, iterations: int = 100) -> torch.Tensor:
@@ -121,11 +117,16 @@ class LinearSDE(abc.ABC):
             raise ValueError(f"mu: expected the degraded image (the mean {type(self).__name__} reverts to), got None")
 
 
+def check_sde(sde, name: str = "sde") -> None:
+    if not isinstance(sde, LinearSDE):
+        raise TypeError(f"{name}: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+
+
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or [B] schedule value against a [B, ...] tensor."""
     values = values.to(device=like.device)
     if values.ndim == 1 and like.ndim >= 1 and values.shape[0] == like.shape[0]:
-        values = values.reshape(-1, *([1] * (like.ndim - 1)))
+        values = per_sample(values, like.ndim)
     return values.to(like.dtype)
 
 
@@ -144,8 +145,8 @@ class VESDE(LinearSDE):
     t_lambda_floor = 1e-5
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, schedule: str = "geometric"):
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        self.sigma_min = check_positive(sigma_min, "sigma_min")
+        self.sigma_max = check_positive(sigma_max, "sigma_max")
         if self.sigma_max <= self.sigma_min:
             raise ValueError(f"sigma_max: expected > sigma_min = {sigma_min}, got {sigma_max}")
         if schedule not in ("geometric", "linear"):
@@ -185,8 +186,8 @@ class VPSDE(LinearSDE):
     """Variance preserving: beta(t) = beta_min + t (beta_max - beta_min), sigma^2 = 1 - alpha^2."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_max = _check_positive("beta_max", beta_max)
+        self.beta_min = check_positive(beta_min, "beta_min")
+        self.beta_max = check_positive(beta_max, "beta_max")
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max: expected >= beta_min = {beta_min}, got {beta_max}")
 
@@ -297,14 +298,14 @@ class MRSDE(_MeanRevertingSDE):
     COSINE_OFFSET = 0.008
 
     def __init__(self, lam_inf: float, schedule: str = "cosine", alpha_T: float = 0.005, T: float = 1.0):
-        self.lam_inf = _check_positive("lam_inf", lam_inf)
+        self.lam_inf = check_positive(lam_inf, "lam_inf")
         if schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {schedule!r}")
         if not 0 < alpha_T < 1:
             raise ValueError(f"alpha_T: expected a number in (0, 1), got {alpha_T!r}")
         self.schedule = schedule
         self.alpha_T = float(alpha_T)
-        self.T = _check_positive("T", T)
+        self.T = check_positive(T, "T")
         self.t_end = 1e-3 * self.T
         self.t_lambda_floor = 1e-3 * self.T
         self.velocity_scale = self.lam_inf
@@ -348,7 +349,14 @@ class MRSDE(_MeanRevertingSDE):
         return _bisect_decreasing(lambda t: -self.thetabar(t), -thetabar, 0.0, self.T)
 
     @staticmethod
-    def from_irsde(max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde", interpolation: str = "linear") -> "DiscreteMRSDE":
+    def from_irsde(
+        max_sigma: float,
+        T: int = 100,
+        schedule: str = "cosine",
+        eps: float = 0.005,
+        convention: str = "irsde",
+        interpolation: str = "linear",
+    ) -> "DiscreteMRSDE":
         """The exact schedule of an IR-SDE / DA-CLIP checkpoint (time in grid units 0..T).
 
         max_sigma >= 1 is read on the 0-255 scale (50 means 50/255), as IR-SDE does. convention
@@ -377,7 +385,7 @@ class DiscreteMRSDE(_MeanRevertingSDE):
     interpolation = "exact"
 
     def __init__(self, max_sigma: float, T: int = 100, schedule: str = "cosine", eps: float = 0.005, convention: str = "irsde"):
-        max_sigma = _check_positive("max_sigma", max_sigma)
+        max_sigma = check_positive(max_sigma, "max_sigma")
         self.lam_inf = max_sigma / 255.0 if max_sigma >= 1 else max_sigma
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
             raise ValueError(f"T: expected an int >= 1 (number of grid steps), got {T!r}")
@@ -488,8 +496,7 @@ class MultiSpeedSDE:
 
     def __init__(self, x_sde: LinearSDE, y_sde: LinearSDE):
         for name, sde in (("x_sde", x_sde), ("y_sde", y_sde)):
-            if not isinstance(sde, LinearSDE):
-                raise TypeError(f"{name}: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+            check_sde(sde, name)
         if x_sde.T != y_sde.T:
             raise ValueError(f"y_sde: expected the same horizon T = {x_sde.T} as x_sde, got {y_sde.T}")
         self.x, self.y = x_sde, y_sde
@@ -499,7 +506,20 @@ class MultiSpeedSDE:
         return f"MultiSpeedSDE(x={self.x!r}, y={self.y!r})"
 
     def __getattr__(self, name):
-        if name in ("alpha", "sigma", "lam", "t_of_lam", "f", "g2", "diffusion", "drift", "prior", "prior_std", "t_end", "t_lambda_floor"):
+        if name in (
+            "alpha",
+            "sigma",
+            "lam",
+            "t_of_lam",
+            "f",
+            "g2",
+            "diffusion",
+            "drift",
+            "prior",
+            "prior_std",
+            "t_end",
+            "t_lambda_floor",
+        ):
             return getattr(self.x, name)
         raise AttributeError(name)
 

@@ -17,21 +17,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["TileLayout", "TiledNetwork", "blend_weights", "merge_tiles", "restore_tiled", "split_tiles", "tile_starts", "tile_window"]
+from .checks import check_int
 
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+__all__ = [
+    "TileLayout",
+    "TiledNetwork",
+    "blend_weights",
+    "merge_tiles",
+    "restore_tiled",
+    "split_tiles",
+    "tile_starts",
+    "tile_window",
+]
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of tiles of size ``tile`` covering [0, length) with at least ``overlap`` shared
     pixels between neighbours; the last tile is moved back to end exactly at ``length``."""
-    _check_int(tile, "tile", 1)
-    _check_int(length, "length", tile)
-    _check_int(overlap, "overlap", 0)
+    check_int(tile, "tile", 1)
+    check_int(length, "length", tile)
+    check_int(overlap, "overlap", 0)
     if overlap >= tile:
         raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
     stride = tile - overlap
@@ -54,7 +59,7 @@ def tile_window(size: int, overlap: int, ramp_start: bool, ramp_end: bool, dtype
         if ramp_start:
             window[:ramp_length] = ramp
         if ramp_end:
-            window[size - ramp_length:] = ramp.flip(0)
+            window[size - ramp_length :] = ramp.flip(0)
     return window
 
 
@@ -73,8 +78,8 @@ class TileLayout:
 
     @classmethod
     def for_image(cls, height: int, width: int, tile: int, overlap: int) -> "TileLayout":
-        _check_int(height, "height", 1)
-        _check_int(width, "width", 1)
+        check_int(height, "height", 1)
+        check_int(width, "width", 1)
         padded_height, padded_width = max(height, tile), max(width, tile)
         rows = tile_starts(padded_height, tile, overlap)
         cols = tile_starts(padded_width, tile, overlap)
@@ -99,7 +104,7 @@ def blend_weights(layout: TileLayout, dtype: torch.dtype = torch.float64) -> tor
     outside the tile); they sum to one at every pixel of the padded image."""
     weights = torch.zeros(len(layout), layout.padded_height, layout.padded_width, dtype=dtype)
     for index, (top, left) in enumerate(layout.corners):
-        weights[index, top:top + layout.tile, left:left + layout.tile] = layout.window(top, left, dtype)
+        weights[index, top : top + layout.tile, left : left + layout.tile] = layout.window(top, left, dtype)
     return weights / weights.sum(dim=0, keepdim=True)
 
 
@@ -119,7 +124,7 @@ def split_tiles(image: torch.Tensor, tile: int, overlap: int) -> Tuple[torch.Ten
         raise ValueError(f"image: expected a float tensor [C, H, W], got {got}")
     layout = TileLayout.for_image(image.shape[1], image.shape[2], tile, overlap)
     padded = _pad(image, layout.padded_height, layout.padded_width)
-    tiles = torch.stack([padded[:, top:top + tile, left:left + tile] for top, left in layout.corners])
+    tiles = torch.stack([padded[:, top : top + tile, left : left + tile] for top, left in layout.corners])
     return tiles, layout
 
 
@@ -128,13 +133,15 @@ def merge_tiles(tiles: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     expected = (len(layout), layout.tile, layout.tile)
     if not isinstance(tiles, torch.Tensor) or tiles.ndim != 4 or (tiles.shape[0], *tiles.shape[2:]) != expected:
         got = tuple(tiles.shape) if isinstance(tiles, torch.Tensor) else type(tiles).__name__
-        raise ValueError(f"tiles: expected [{expected[0]}, C, {layout.tile}, {layout.tile}] (one per tile of the layout), got {got}")
+        raise ValueError(
+            f"tiles: expected [{expected[0]}, C, {layout.tile}, {layout.tile}] (one per tile of the layout), got {got}"
+        )
     total = torch.zeros(tiles.shape[1], layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
     weight_sum = torch.zeros(layout.padded_height, layout.padded_width, dtype=torch.float64, device=tiles.device)
     for tile, (top, left) in zip(tiles, layout.corners):
         window = layout.window(top, left).to(tiles.device)
-        total[:, top:top + layout.tile, left:left + layout.tile] += tile.to(torch.float64) * window
-        weight_sum[top:top + layout.tile, left:left + layout.tile] += window
+        total[:, top : top + layout.tile, left : left + layout.tile] += tile.to(torch.float64) * window
+        weight_sum[top : top + layout.tile, left : left + layout.tile] += window
     return (total / weight_sum)[:, : layout.height, : layout.width].to(tiles.dtype)
 
 
@@ -154,23 +161,30 @@ def restore_tiled(
     """
     if not callable(restore):
         raise TypeError(f"restore: expected a callable batch -> batch, got {type(restore).__name__}")
-    _check_int(batch_size, "batch_size", 1)
+    check_int(batch_size, "batch_size", 1)
     split = [split_tiles(image, tile, overlap) for image in images]
     if not split:
         return []
     all_tiles = torch.cat([tiles for tiles, _ in split])
     restored = []
     for start in tqdm(range(0, all_tiles.shape[0], batch_size), disable=not progress, desc="tiles", unit="batch", leave=False):
-        batch = all_tiles[start:start + batch_size]
+        batch = all_tiles[start : start + batch_size]
         output = restore(batch)
-        if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
+        if (
+            not isinstance(output, torch.Tensor)
+            or output.ndim != 4
+            or output.shape[0] != batch.shape[0]
+            or output.shape[2:] != batch.shape[2:]
+        ):
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(f"restore: expected an output [{batch.shape[0]}, C, {tile}, {tile}] for a batch of {batch.shape[0]} tiles, got {got}")
+            raise ValueError(
+                f"restore: expected an output [{batch.shape[0]}, C, {tile}, {tile}] for a batch of {batch.shape[0]} tiles, got {got}"
+            )
         restored.append(output)
     restored_tiles = torch.cat(restored)
     results, start = [], 0
     for _, layout in split:
-        results.append(merge_tiles(restored_tiles[start:start + len(layout)], layout))
+        results.append(merge_tiles(restored_tiles[start : start + len(layout)], layout))
         start += len(layout)
     return results
 
@@ -193,11 +207,11 @@ class TiledNetwork(torch.nn.Module):
         super().__init__()
         if not callable(network):
             raise TypeError(f"network: expected a callable network(x, t), got {type(network).__name__}")
-        _check_int(tile, "tile", 1)
-        _check_int(overlap, "overlap", 0)
+        check_int(tile, "tile", 1)
+        check_int(overlap, "overlap", 0)
         if overlap >= tile:
             raise ValueError(f"overlap: expected fewer pixels than the tile size {tile}, got {overlap}")
-        self.network, self.tile, self.overlap, self.max_batch = network, tile, overlap, _check_int(max_batch, "max_batch", 1)
+        self.network, self.tile, self.overlap, self.max_batch = network, tile, overlap, check_int(max_batch, "max_batch", 1)
         self._weights: dict = {}
 
     def _layout_and_weights(self, height: int, width: int, device, dtype) -> Tuple[TileLayout, torch.Tensor]:
@@ -205,7 +219,9 @@ class TiledNetwork(torch.nn.Module):
         if key not in self._weights:
             layout = TileLayout.for_image(height, width, self.tile, self.overlap)
             weights = blend_weights(layout)
-            tiles = torch.stack([weights[i, top:top + self.tile, left:left + self.tile] for i, (top, left) in enumerate(layout.corners)])
+            tiles = torch.stack(
+                [weights[i, top : top + self.tile, left : left + self.tile] for i, (top, left) in enumerate(layout.corners)]
+            )
             self._weights = {key: (layout, tiles.to(device, dtype))}  # one size at a time: a sampler's whole run
         return self._weights[key]
 
@@ -218,14 +234,18 @@ class TiledNetwork(torch.nn.Module):
             return self.network(x, t)
         layout, weights = self._layout_and_weights(height, width, x.device, x.dtype)
         padded = torch.stack([_pad(image, layout.padded_height, layout.padded_width) for image in x])
-        tiles = torch.stack([padded[:, :, top:top + self.tile, left:left + self.tile] for top, left in layout.corners], dim=1)
+        tiles = torch.stack([padded[:, :, top : top + self.tile, left : left + self.tile] for top, left in layout.corners], dim=1)
         tiles = tiles.reshape(batch * len(layout), x.shape[1], self.tile, self.tile)
         t = torch.as_tensor(t, device=x.device)
         times = (t.expand(batch) if t.ndim == 0 else t).repeat_interleave(len(layout))
-        outputs = torch.cat([self.network(tiles[i:i + self.max_batch], times[i:i + self.max_batch])
-                             for i in range(0, tiles.shape[0], self.max_batch)])
+        outputs = torch.cat(
+            [
+                self.network(tiles[i : i + self.max_batch], times[i : i + self.max_batch])
+                for i in range(0, tiles.shape[0], self.max_batch)
+            ]
+        )
         outputs = outputs.reshape(batch, len(layout), -1, self.tile, self.tile) * weights[None, :, None]
         merged = outputs.new_zeros(batch, outputs.shape[2], layout.padded_height, layout.padded_width)
         for index, (top, left) in enumerate(layout.corners):
-            merged[:, :, top:top + self.tile, left:left + self.tile] += outputs[:, index]
+            merged[:, :, top : top + self.tile, left : left + self.tile] += outputs[:, index]
         return merged[:, :, :height, :width]

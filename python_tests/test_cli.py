@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from msdiff_fast.cli import CLIError, ModelSpec, main, parse_arguments
-from msdiff_fast.tiling import TileLayout, TiledNetwork, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
+from msdiff_fast.cli import CLIError, main, parse_arguments
+from msdiff_fast.restoration import ModelSpec
+from msdiff_fast.tiling import TiledNetwork, TileLayout, blend_weights, merge_tiles, restore_tiled, split_tiles, tile_starts
 from msdiff_fast.training import SyntheticImages, write_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +139,8 @@ def test_whole_image_sampling_through_tiles_has_no_seams():
     """With one noise draw for the whole image, a sampler run through a tiled per-pixel model
     equals the same sampler on the whole image; sampling each tile on its own (restore_tiled)
     does not: independent noise in neighbouring tiles."""
-    from msdiff_fast.cli import SamplerSpec, restore_batch, restore_images
-    from msdiff_fast.training.trainer import stream_seed
+    from msdiff_fast.restoration import SamplerSpec, restore_batch, restore_images
+    from msdiff_fast.training.batches import stream_seed
 
     spec = ModelSpec("denoise", {"noise_sigma": 25.0}, "mr", {"lam_inf": 50 / 255, "target": "residual"}, "tiny", 16, 3)
     estimator = spec.build_estimator()
@@ -159,7 +160,7 @@ def test_whole_image_sampling_through_tiles_has_no_seams():
 
 
 def test_restore_images_keeps_order_and_sizes():
-    from msdiff_fast.cli import SamplerSpec, restore_images
+    from msdiff_fast.restoration import SamplerSpec, restore_images
 
     spec = ModelSpec("denoise", {"noise_sigma": 25.0}, "mr", {"lam_inf": 50 / 255, "target": "residual"}, "tiny", 16, 3)
     estimator = spec.build_estimator()
@@ -196,7 +197,7 @@ def _exact_network(estimator, points):
 
 @pytest.mark.parametrize("estimator_name", ["mr", "cmde", "cde"])
 def test_restore_batch_wires_every_sampler_to_the_estimator(estimator_name):
-    from msdiff_fast.cli import ModelSpec, SamplerSpec, restore_batch
+    from msdiff_fast.restoration import ModelSpec, SamplerSpec, restore_batch
 
     points = torch.stack([SyntheticImages(2, 8, seed=3)[i] for i in range(2)])
     if estimator_name == "mr":
@@ -313,7 +314,8 @@ def _low_resolution_folder(folder: Path, sizes):
 def test_demo_training_does_not_depend_on_the_global_random_state(tmp_path):
     """The report promises that the same command reproduces its numbers: the initial weights come
     from --seed, not from torch's global generator (seeded at random in every process)."""
-    from msdiff_fast.demo import DemoSettings, _train, demo_models
+    from msdiff_fast.demo import DemoSettings, demo_models
+    from msdiff_fast.demo.experiment import train_model as _train
 
     settings = DemoSettings.quick().replace(train_steps=2)
     model = next(m for m in demo_models(settings) if m.key == "denoise")

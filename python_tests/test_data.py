@@ -6,10 +6,27 @@ import pytest
 import torch
 from PIL import Image
 
-from msdiff_fast.training import (DEGRADATIONS, JPEG, ConditionalPairs, Edges, GaussianBlur, GaussianNoise,
-                                  ImageFolder, Inpainting, LowLight, MotionBlur, PairedFolders,
-                                  SuperResolution, SyntheticImages, check_images, item_seed, make_degradation,
-                                  read_image, save_grid, write_image)
+from msdiff_fast.training import (
+    DEGRADATIONS,
+    JPEG,
+    ConditionalPairs,
+    Edges,
+    GaussianBlur,
+    GaussianNoise,
+    ImageFolder,
+    Inpainting,
+    LowLight,
+    MotionBlur,
+    PairedFolders,
+    SuperResolution,
+    SyntheticImages,
+    check_images,
+    item_seed,
+    make_degradation,
+    read_image,
+    save_grid,
+    write_image,
+)
 
 
 def gen(seed=0):

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from msdiff_fast import MRSampler, pc_sample
-from msdiff_fast import estimators as estimators_module
 from msdiff_fast.estimators import CDE, CMDE, ESTIMATORS, VSCMDE, CDiffE, MeanReverting, make_estimator, vs_sigma_y_max
+from msdiff_fast.estimators import base as estimators_module
 from msdiff_fast.models import unet_preset
 from msdiff_fast.ops import philox_normal
 from msdiff_fast.samplers import convert
-from msdiff_fast.sde import MRSDE, MultiSpeedSDE, VESDE, VPSDE
+from msdiff_fast.sde import MRSDE, VESDE, VPSDE, MultiSpeedSDE
 from msdiff_fast.training import SuperResolution, SyntheticImages
 
 X_SHAPE, Y_SHAPE = (3, 8, 8), (1, 8, 8)

@@ -10,8 +10,15 @@ import msdiff_fast as mf
 from msdiff_fast.samplers import MRSampler, conditioned_model, get_timesteps
 from msdiff_fast.samplers.mr_sampler import step_coefficients
 from msdiff_fast.sde import MRSDE, VESDE, VPSDE, MultiSpeedSDE
-from msdiff_fast.testing import (FiniteData, GaussianData, GaussianInverseProblem, GaussianMixture, gaussian_kl, gaussian_w2,
-                                 reference_ode_solution)
+from msdiff_fast.testing import (
+    FiniteData,
+    GaussianData,
+    GaussianInverseProblem,
+    GaussianMixture,
+    gaussian_kl,
+    gaussian_w2,
+    reference_ode_solution,
+)
 
 F64 = torch.float64
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from msdiff_fast.cli import CLIError, ModelSpec, SamplerSpec, restore_batch, training_images
+from msdiff_fast.cli import CLIError
 from msdiff_fast.metrics import psnr
+from msdiff_fast.restoration import ModelSpec, SamplerSpec, restore_batch
 from msdiff_fast.training import ConditionalPairs, ImageFolder, PairedFolders, SuperResolution, TrainConfig, Trainer
 from msdiff_fast.training.data import ImagePatches
 from msdiff_fast.training.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS, load_photo, load_photos
+from msdiff_fast.training.sources import training_images
 
 
 def _coded_image(height: int, width: int) -> np.ndarray:

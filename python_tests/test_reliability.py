@@ -331,7 +331,7 @@ def test_item05_every_kind_of_image_is_read_correctly_or_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- 6. limits
 def test_item06_limits_are_checked_before_anything_is_allocated(runs, tmp_path, capsys, monkeypatch):
-    from msdiff_fast import cli
+    from msdiff_fast import restoration as cli
     from msdiff_fast.samplers.timesteps import MAX_STEPS
 
     Image.new("L", (10000, 10000)).save(tmp_path / "bomb.png")  # ~100 KB claiming 10^8 pixels
@@ -501,7 +501,8 @@ def test_item10_user_errors_are_one_line(runs, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 11. checkpoint integrity
 def test_item11_weights_of_another_run_or_with_flipped_bits_are_refused(runs, tmp_path):
-    from msdiff_fast.cli import CLIError, load_trained
+    from msdiff_fast.cli import CLIError
+    from msdiff_fast.restoration import load_trained
     from msdiff_fast.training.checkpoint import latest_checkpoint
 
     run = tmp_path / "sr"
@@ -582,7 +583,7 @@ def test_item12_train_checks_every_flag_before_creating_out(tmp_path, capsys):
 def test_item13_smaller_checks():
     from msdiff_fast.compat import to_k_diffusion
     from msdiff_fast.samplers import get_timesteps
-    from msdiff_fast.sde import MRSDE, SubVPSDE, VPSDE
+    from msdiff_fast.sde import MRSDE, VPSDE, SubVPSDE
 
     output = torch.zeros(2, 6)
     with pytest.raises(ValueError, match="split: expected an int"):

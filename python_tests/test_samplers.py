@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 
 import msdiff_fast as mf
-from msdiff_fast.samplers import MRSampler, UnstableSolverWarning, conditioned_model, get_timesteps
-from msdiff_fast.sde import VESDE, VPSDE, MRSDE, MultiSpeedSDE
+from msdiff_fast.samplers import MRSampler, UnstableSolverWarning, conditioned_model
+from msdiff_fast.sde import MRSDE, VESDE, VPSDE, MultiSpeedSDE
 from msdiff_fast.testing import FiniteData, GaussianData, reference_ode_solution
 
 F64 = torch.float64

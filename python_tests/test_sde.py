@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msdiff_fast.samplers import convert, get_timesteps
-from msdiff_fast.sde import VESDE, VPSDE, MRSDE, MultiSpeedSDE, SubVPSDE, irsde_thetas
+from msdiff_fast.sde import MRSDE, VESDE, VPSDE, MultiSpeedSDE, SubVPSDE, irsde_thetas
 
 CONTINUOUS = [
     VESDE(0.01, 50.0),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from msdiff_fast.samplers import MRSampler
-from msdiff_fast.samplers.mr_sampler import seed_from
+from msdiff_fast.samplers.loop import seed_from
 from msdiff_fast.samplers.static import StaticMRSampler, plan_loop, stream_noise
 from msdiff_fast.sde import MRSDE, VESDE, VPSDE
 from msdiff_fast.testing import FiniteData

@@ -18,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msdiff_fast.training import ConditionalPairs, SyntheticImages, make_degradation
+from msdiff_fast.training.batches import batch_positions
 from msdiff_fast.training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint
-from msdiff_fast.training.trainer import TrainConfig, Trainer, batch_positions, train
+from msdiff_fast.training.config import TrainConfig
+from msdiff_fast.training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The GPU paths run wherever a GPU is present; the CPU cases always run.

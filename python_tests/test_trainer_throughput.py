@@ -5,10 +5,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_trainer import StandInEstimator, _one_thread, assert_same_state, config, make_model, make_pairs  # noqa: F401
 
 from msdiff_fast.training.checkpoint import read_state
-from msdiff_fast.training.trainer import OPTIMIZER_IMPLS, TrainConfig, Trainer, make_adam
-from test_trainer import StandInEstimator, _one_thread, assert_same_state, config, make_model, make_pairs  # noqa: F401
+from msdiff_fast.training.config import OPTIMIZER_IMPLS, TrainConfig, make_adam
+from msdiff_fast.training.trainer import Trainer
 
 
 def trained(out_dir, dropout=0.0, **settings):

@@ -43,7 +43,9 @@ class SmokeFailure(Exception):
 def expect_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance=TOLERANCE) -> None:
     if got.shape != want.shape or not torch.allclose(got, want, **tolerance):
         error = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
-        raise SmokeFailure(f"{name}: expected the reference's values (shape {tuple(want.shape)}), got shape {tuple(got.shape)}, max error {error:.3g}")
+        raise SmokeFailure(
+            f"{name}: expected the reference's values (shape {tuple(want.shape)}), got shape {tuple(got.shape)}, max error {error:.3g}"
+        )
 
 
 def check_ops(backend: str) -> None:
@@ -106,7 +108,9 @@ def main() -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton_version}, msdiff_fast {mf.__version__} from {os.path.dirname(mf.__file__)}")
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton_version}, msdiff_fast {mf.__version__} from {os.path.dirname(mf.__file__)}"
+    )
     try:
         table = mf.backends()
         for op in OPS:

@@ -304,15 +304,6 @@ void weighted_score_loss_blocks(const WeightedScoreLossArgs& a, double* partial_
 
 // ------------------------------------------------------------------------------ dispatch
 
-template <class Body>
-void for_storage(Storage storage, const Body& body) {
-  switch (storage) {
-    case Storage::f32: return body(float{});
-    case Storage::f16: return body(half_t{});
-    case Storage::bf16: return body(bf16_t{});
-  }
-}
-
 void mr_step(const MrStepArgs& args, int64_t begin, int64_t end) {
   for_storage(args.storage, [&](auto tag) { mr_step_range<decltype(tag)>(args, begin, end); });
 }

@@ -301,16 +301,6 @@ dim3 sample_grid(int64_t groups_per_sample, int64_t batch) {
   return dim3(static_cast<unsigned>(blocks_for(groups_per_sample, kThreads, kMaxGridX)), static_cast<unsigned>(blocks_for(batch, 1, kMaxGridY)));
 }
 
-template <class Body>
-void for_storage(Storage storage, const Body& body) {
-  switch (storage) {
-    case Storage::f32: return body(float{});
-    case Storage::f16: return body(half_t{});
-    case Storage::bf16: return body(bf16_t{});
-  }
-  throw std::invalid_argument("msdiff_fast._C_cuda: unknown storage type");
-}
-
 }  // namespace
 
 void mr_step(const MrStepArgs& args, uintptr_t stream) {

@@ -59,7 +59,15 @@ class FastNetwork(nn.Module):
     samplers' fused steps expect.
     """
 
-    def __init__(self, network: nn.Module, *, channels_last: bool = True, bf16: bool = False, inference_mode: bool = True, compile: bool = False):
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        channels_last: bool = True,
+        bf16: bool = False,
+        inference_mode: bool = True,
+        compile: bool = False,
+    ):
         super().__init__()
         if not isinstance(network, nn.Module):
             raise TypeError(f"network: expected a torch.nn.Module, got {type(network).__name__}")
@@ -79,12 +87,17 @@ class FastNetwork(nn.Module):
         self.__dict__["_forward"] = torch.compile(self._convert_and_run) if compile else self._convert_and_run
 
     def extra_repr(self) -> str:
-        return f"channels_last={self.channels_last}, bf16={self.bf16}, inference_mode={self.inference_mode}, compile={self.compile}"
+        return (
+            f"channels_last={self.channels_last}, bf16={self.bf16}, inference_mode={self.inference_mode}, compile={self.compile}"
+        )
 
     def _convert_and_run(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-            args = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+            args = tuple(
+                a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+                for a in args
+            )
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.network(x, *args, **kwargs)
         return output.to(x.dtype).contiguous()

@@ -4,6 +4,7 @@ Conditioning is by concatenation: the caller stacks x_t and the condition along 
 Layer layout and initialisation follow score_sde so that parameter counts match the paper
 (43.48M for the CelebA-HQ 160 CMDE network, 28.75M for edges2shoes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,10 +123,19 @@ class UNet(nn.Module):
     by ``2 ** (len(ch_mult) - 1)`` are accepted (tiling).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, image_size: int, nf: int = 128,
-                 ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 resamp_with_conv: bool = True, time_scale: float = 999.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        nf: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        resamp_with_conv: bool = True,
+        time_scale: float = 999.0,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.nf, self.ch_mult, self.num_res_blocks = nf, tuple(ch_mult), num_res_blocks
@@ -181,18 +191,17 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: x must be a 4-d tensor [B, C, H, W], got {got}")
         b, c, hgt, wid = x.shape
         if c != self.in_channels:
-            raise ValueError(f"UNet: x must have {self.in_channels} channels (in_channels), got {c} "
-                             f"(shape {tuple(x.shape)})")
+            raise ValueError(f"UNet: x must have {self.in_channels} channels (in_channels), got {c} (shape {tuple(x.shape)})")
         factor = 2 ** (len(self.ch_mult) - 1)
         if hgt % factor or wid % factor:
-            raise ValueError(f"UNet: x height and width must be divisible by {factor} "
-                             f"(2 ** (len(ch_mult) - 1)), got {hgt}x{wid}")
+            raise ValueError(f"UNet: x height and width must be divisible by {factor} (2 ** (len(ch_mult) - 1)), got {hgt}x{wid}")
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.dim() == 0:
             t = t.expand(b)
         if t.shape != (b,):
-            raise ValueError(f"UNet: t must be a float, a 0-d tensor or a tensor of shape [{b}] "
-                             f"(batch size of x), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"UNet: t must be a float, a 0-d tensor or a tensor of shape [{b}] (batch size of x), got shape {tuple(t.shape)}"
+            )
         return t
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -240,8 +249,9 @@ PRESETS: dict[str, Preset] = {
 _ESTIMATORS = ("cde", "cdiffe", "cmde", "vscmde", "mr")
 
 
-def unet_preset(name: str, estimator: str = "cmde", image_channels: int = 3,
-                cond_channels: int | None = None, **overrides) -> UNet:
+def unet_preset(
+    name: str, estimator: str = "cmde", image_channels: int = 3, cond_channels: int | None = None, **overrides
+) -> UNet:
     """Build a preset U-Net with the input/output channels that ``estimator`` needs.
 
     cde: in x+y, out x; cdiffe/cmde/vscmde: in x+y, out x+y (x and y scores);

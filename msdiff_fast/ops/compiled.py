@@ -106,21 +106,43 @@ def _side_inputs(dtype: torch.dtype, tensors: List[Optional[torch.Tensor]]) -> L
 
 def _mr_step_args(out, x, terms, coefs, noise_coef, noise):
     (noise,) = _side_inputs(x.dtype, [noise if noise_coef is not None else None])
-    return (out.detach(), _contiguous(x), [_contiguous(t) for t in terms], _coefficients(coefs), _coefficients(noise_coef), _contiguous(noise))
+    return (
+        out.detach(),
+        _contiguous(x),
+        [_contiguous(t) for t in terms],
+        _coefficients(coefs),
+        _coefficients(noise_coef),
+        _contiguous(noise),
+    )
 
 
 def _noise_inject_args(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, noise_x, noise_y):
     noisy_y = y0 is not None and y_coefs is not None
     noise_x, noise_y = _side_inputs(x0.dtype, [noise_x, noise_y if noisy_y else None])
     return (
-        out_x.detach(), _rows(x0), _coefficients(x_coefs), _rows(mu), _rows(noise_x),
-        None if out_y is None else out_y.detach(), _rows(y0), _coefficients(y_coefs) if noisy_y else None, _rows(noise_y),
+        out_x.detach(),
+        _rows(x0),
+        _coefficients(x_coefs),
+        _rows(mu),
+        _rows(noise_x),
+        None if out_y is None else out_y.detach(),
+        _rows(y0),
+        _coefficients(y_coefs) if noisy_y else None,
+        _rows(noise_y),
     )
 
 
 def _loss_args(loss, grad, output, coefs, split, noise, target):
     noise, target = _side_inputs(output.dtype, [noise, target])
-    return (loss.detach(), grad.detach(), _contiguous(output), _coefficients(coefs), split or 0, _contiguous(noise), _contiguous(target))
+    return (
+        loss.detach(),
+        grad.detach(),
+        _contiguous(output),
+        _coefficients(coefs),
+        split or 0,
+        _contiguous(noise),
+        _contiguous(target),
+    )
 
 
 # ----------------------------------------------------------------------------- cpu
@@ -185,7 +207,9 @@ def _cuda_weighted_score_loss(loss, grad, output, coefs, split, seed, offset, no
         # so the loss is the same from run to run.
         tiles = -(-per_sample // _C_cuda.LOSS_TILE)
         partial_sums = torch.empty(batch * tiles, dtype=torch.float32, device=output.device)
-        _C_cuda.weighted_score_loss(loss_out, grad_out, output, coefs, split, noise, target, partial_sums, seed, offset, _stream(output))
+        _C_cuda.weighted_score_loss(
+            loss_out, grad_out, output, coefs, split, noise, target, partial_sums, seed, offset, _stream(output)
+        )
 
 
 def cpu_stream_normals(seed: int, offset: int, numel: int) -> Optional[torch.Tensor]:

@@ -6,7 +6,7 @@ requested backend (argument or MSDIFF_FAST_BACKEND) that cannot run raises with 
 """
 
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -16,9 +16,7 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # op name -> backend -> implementation
 _IMPLEMENTATIONS: Dict[str, Dict[str, Callable]] = {}
 # backend -> function(device, dtype) returning None when it can run, else the reason
-_AVAILABILITY: Dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {
-    "torch": lambda device, dtype: None,
-}
+_AVAILABILITY: Dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {"torch": lambda device, dtype: None}
 
 
 def register(op: str, backend: str, implementation: Callable) -> None:
@@ -75,8 +73,14 @@ def check_no_grad(t: Optional[torch.Tensor], name: str, op: str, differentiable_
     clear error on every backend is what keeps them in agreement."""
     if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
         scope = f"is differentiable in {differentiable_in} only" if differentiable_in else "is not differentiable"
-        raise ValueError(describe(name, f"a tensor that does not require grad ({op} {scope}: detach it, or write the "
-                                        f"expression with torch ops to differentiate in it)", "requires_grad=True"))
+        raise ValueError(
+            describe(
+                name,
+                f"a tensor that does not require grad ({op} {scope}: detach it, or write the "
+                f"expression with torch ops to differentiate in it)",
+                "requires_grad=True",
+            )
+        )
 
 
 def _span(t: torch.Tensor):
@@ -95,7 +99,7 @@ def _element_addresses(t: torch.Tensor, base: int) -> torch.Tensor:
 
 
 def memory_overlap(a: torch.Tensor, b: torch.Tensor) -> str:
-    """"full" when a and b are the same elements in the same layout, "partial" when they share
+    """ "full" when a and b are the same elements in the same layout, "partial" when they share
     some memory otherwise, "none" when they share none (views of one buffer that interleave
     without sharing an element, e.g. the two halves of a cat buffer, are "none")."""
     span_a, span_b = _span(a), _span(b)
@@ -112,8 +116,9 @@ def memory_overlap(a: torch.Tensor, b: torch.Tensor) -> str:
     return "partial"
 
 
-def check_out_overlap(out: torch.Tensor, out_name: str, elementwise: Dict[str, Optional[torch.Tensor]],
-                      others: Dict[str, Optional[torch.Tensor]]) -> None:
+def check_out_overlap(
+    out: torch.Tensor, out_name: str, elementwise: Dict[str, Optional[torch.Tensor]], others: Dict[str, Optional[torch.Tensor]]
+) -> None:
     """Raise ValueError when an input shares memory with ``out`` in a way the backends do not all
     survive: the ``elementwise`` inputs (element i read only to write element i) may be ``out``
     itself, laid out the same (``out is x``); any other shared memory would be read after some
@@ -125,8 +130,13 @@ def check_out_overlap(out: torch.Tensor, out_name: str, elementwise: Dict[str, O
             continue
         found = memory_overlap(out, t)
         if found == "partial" or (found == "full" and name not in elementwise):
-            raise ValueError(describe(out_name, f"memory apart from {name}, or {name} itself in the same layout",
-                                      f"an {out_name} that {'partly ' if found == 'partial' else ''}overlaps {name}"))
+            raise ValueError(
+                describe(
+                    out_name,
+                    f"memory apart from {name}, or {name} itself in the same layout",
+                    f"an {out_name} that {'partly ' if found == 'partial' else ''}overlaps {name}",
+                )
+            )
 
 
 def describe(name: str, what: str, got: object) -> str:

@@ -106,7 +106,13 @@ def mr_step(
     if x.ndim < 1:
         raise ValueError(describe("x", "a tensor with a batch dimension", "a 0-dim tensor"))
     if not isinstance(terms, (list, tuple)) or not 1 <= len(terms) <= MAX_TERMS:
-        raise ValueError(describe("terms", f"a list of 1 to {MAX_TERMS} tensors", repr(type(terms).__name__) if not isinstance(terms, (list, tuple)) else f"{len(terms)} tensors"))
+        raise ValueError(
+            describe(
+                "terms",
+                f"a list of 1 to {MAX_TERMS} tensors",
+                repr(type(terms).__name__) if not isinstance(terms, (list, tuple)) else f"{len(terms)} tensors",
+            )
+        )
     for k, term in enumerate(terms):
         check_like(term, f"terms[{k}]", x, "x")
     batch = x.shape[0]

@@ -42,7 +42,9 @@ def _noise_inject(
     noise_y: Optional[torch.Tensor],
     backend: str,
 ) -> None:
-    resolve("noise_inject", backend, x0.device, x0.dtype)(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y)
+    resolve("noise_inject", backend, x0.device, x0.dtype)(
+        out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y
+    )
 
 
 @_noise_inject.register_fake
@@ -103,7 +105,15 @@ def noise_inject(
             noise_y = None
     else:
         check_seed_offset(seed, offset, x0.numel() + (y0.numel() if noisy_y else 0))
-    for name, t in (("x0", x0), ("x_coefs", x_coefs), ("y0", y0), ("y_coefs", y_coefs), ("mu", mu), ("noise[0]", noise_x), ("noise[1]", noise_y)):
+    for name, t in (
+        ("x0", x0),
+        ("x_coefs", x_coefs),
+        ("y0", y0),
+        ("y_coefs", y_coefs),
+        ("mu", mu),
+        ("noise[0]", noise_x),
+        ("noise[1]", noise_y),
+    ):
         check_no_grad(t, name, "noise_inject", None)
     if out is None:
         out_x = torch.empty_like(x0, memory_format=torch.contiguous_format)
@@ -111,28 +121,46 @@ def noise_inject(
     else:
         out_x, out_y = _split_out(out, x0, y0)
         coefs = {"x_coefs": x_coefs, "y_coefs": y_coefs}
-        check_out_overlap(out_x, "out (its x part)", {"x0": x0, "mu": mu, "noise[0]": noise_x}, {"y0": y0, "noise[1]": noise_y, **coefs})
+        check_out_overlap(
+            out_x, "out (its x part)", {"x0": x0, "mu": mu, "noise[0]": noise_x}, {"y0": y0, "noise[1]": noise_y, **coefs}
+        )
         if out_y is not None:
-            check_out_overlap(out_y, "out (its y part)", {"y0": y0, "noise[1]": noise_y}, {"x0": x0, "mu": mu, "noise[0]": noise_x, **coefs})
+            check_out_overlap(
+                out_y, "out (its y part)", {"y0": y0, "noise[1]": noise_y}, {"x0": x0, "mu": mu, "noise[0]": noise_x, **coefs}
+            )
     if torch.compiler.is_compiling() or x0.device.type == "meta":
         _noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y, backend)
     else:
         # Plain eager call: skip the custom-op dispatcher's per-call cost.
-        resolve("noise_inject", backend, x0.device, x0.dtype)(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y)
+        resolve("noise_inject", backend, x0.device, x0.dtype)(
+            out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed, offset, noise_x, noise_y
+        )
     return out_x, out_y
 
 
 def check_float_y(y0: torch.Tensor, x0: torch.Tensor) -> None:
     check_like(y0, "y0", y0, "y0")
     if y0.shape[0] != x0.shape[0] or y0.device != x0.device or y0.dtype != x0.dtype:
-        raise ValueError(describe("y0", f"batch {x0.shape[0]}, device {x0.device}, dtype {x0.dtype} (like x0)", f"shape {tuple(y0.shape)}, {y0.device}, {y0.dtype}"))
+        raise ValueError(
+            describe(
+                "y0",
+                f"batch {x0.shape[0]}, device {x0.device}, dtype {x0.dtype} (like x0)",
+                f"shape {tuple(y0.shape)}, {y0.device}, {y0.dtype}",
+            )
+        )
 
 
 def _split_out(out: torch.Tensor, x0: torch.Tensor, y0: Optional[torch.Tensor]):
     channels = x0.shape[1] + (0 if y0 is None else y0.shape[1])
     expected = (x0.shape[0], channels, *x0.shape[2:])
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        raise ValueError(describe("out", f"a tensor of shape {expected} (x0 and y0 concatenated on dim 1)", tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__))
+        raise ValueError(
+            describe(
+                "out",
+                f"a tensor of shape {expected} (x0 and y0 concatenated on dim 1)",
+                tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__,
+            )
+        )
     if y0 is not None and y0.shape[2:] != x0.shape[2:]:
         raise ValueError(describe("y0", f"spatial shape {tuple(x0.shape[2:])} to share the out buffer", tuple(y0.shape[2:])))
     if out.dtype != x0.dtype or out.device != x0.device:
@@ -140,5 +168,5 @@ def _split_out(out: torch.Tensor, x0: torch.Tensor, y0: Optional[torch.Tensor]):
     if not out.is_contiguous():
         raise ValueError(describe("out", "a contiguous buffer", f"strides {out.stride()}"))
     out_x = out[:, : x0.shape[1]]
-    out_y = None if y0 is None else out[:, x0.shape[1]:]
+    out_y = None if y0 is None else out[:, x0.shape[1] :]
     return out_x, out_y

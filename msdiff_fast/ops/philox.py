@@ -69,7 +69,7 @@ def philox_normal(seed: int, offset: int, numel: int, *, device=None, dtype=torc
     first_counter = offset // NORMALS_PER_COUNTER
     counters = -(-(lead + numel) // NORMALS_PER_COUNTER)
     words = philox_words(seed, torch.arange(first_counter, first_counter + counters, dtype=torch.int64, device=device))
-    return counter_normals(words, dtype)[lead:lead + numel]
+    return counter_normals(words, dtype)[lead : lead + numel]
 
 
 def counter_normals(words, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -89,3 +89,10 @@ def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + numel >= 2**63:
         raise ValueError(f"offset: expected an int >= 0 with offset + numel < 2**63, got {offset!r}")
+
+
+def draw_seed(generator=None) -> int:
+    """A Philox seed for the fused ops, drawn from ``generator`` (None: torch's default one) on
+    its device: one int64 draw in [0, 2**62)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())

@@ -1,4 +1,6 @@
-"""Pure-PyTorch references of the fused ops: the fallback backend and the test oracle.
+"""Pure-PyTorch references of the fused ops: the fallback backend and the test oracle. Each takes
+the arguments of the public op of its name (``msdiff_fast.ops``), checked there, in the order of
+the backends' functions (less ``out``).
 
 Math runs in float32 for float32/float16/bfloat16 inputs and in float64 for float64 inputs,
 which is what every compiled backend does too; calling with float64 copies of the inputs gives
@@ -6,10 +8,11 @@ the float64 oracle the kernels are tested against.
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from ..checks import per_sample
 from .philox import philox_normal
 
 
@@ -18,38 +21,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _per_sample(values: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
-    return values.to(dtype).reshape(values.shape[0], *([1] * (ndim - 1)))
+    return per_sample(values.to(dtype), ndim)
 
 
-def mr_step(
-    x: torch.Tensor,
-    terms: Sequence[torch.Tensor],
-    coefs: torch.Tensor,
-    noise_coef: Optional[torch.Tensor] = None,
-    seed: int = 0,
-    offset: int = 0,
-    noise: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def mr_step(x, terms, coefs, noise_coef=None, seed=0, offset=0, noise=None) -> torch.Tensor:
     """coefs[:, 0] * x + sum_k coefs[:, k + 1] * terms[k] + noise_coef * z, per sample."""
     dtype = compute_dtype(x.dtype)
     result = _per_sample(coefs[:, 0], x.ndim, dtype) * x.to(dtype)
     for k, term in enumerate(terms):
         result = result + _per_sample(coefs[:, k + 1], x.ndim, dtype) * term.to(dtype)
     if noise_coef is not None:
-        z = noise.to(dtype) if noise is not None else philox_normal(seed, offset, x.numel(), device=x.device, dtype=dtype).view(x.shape)
+        z = (
+            noise.to(dtype)
+            if noise is not None
+            else philox_normal(seed, offset, x.numel(), device=x.device, dtype=dtype).view(x.shape)
+        )
         result = result + _per_sample(noise_coef, x.ndim, dtype) * z
     return result.to(x.dtype)
 
 
 def noise_inject(
-    x0: torch.Tensor,
-    x_coefs: torch.Tensor,
-    y0: Optional[torch.Tensor] = None,
-    y_coefs: Optional[torch.Tensor] = None,
-    mu: Optional[torch.Tensor] = None,
-    seed: int = 0,
-    offset: int = 0,
-    noise: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    x0, x_coefs, y0=None, y_coefs=None, mu=None, seed=0, offset=0, noise=None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x_t = a_x x0 + (1 - a_x) mu + s_x z_x and y_t = a_y y0 + s_y z_y, per sample.
 
@@ -82,13 +74,7 @@ def noise_inject(
 
 
 def weighted_score_loss(
-    output: torch.Tensor,
-    coefs: torch.Tensor,
-    split: Optional[int] = None,
-    seed: int = 0,
-    offset: int = 0,
-    noise: Optional[torch.Tensor] = None,
-    target: Optional[torch.Tensor] = None,
+    output, coefs, split=None, seed=0, offset=0, noise=None, target=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weighted squared error against a noise-based target, and its gradient.
 

@@ -125,8 +125,17 @@ if triton is not None:
             return _stream_normal(seed, start + tl.arange(0, BLOCK))
 
     @triton.jit
-    def _per_sample_coef(coefs_ptr, row_stride, column, sample, first_sample, in_next_sample, has_next_sample, mask,
-                         SAMPLE_SPANS_BLOCK: tl.constexpr):
+    def _per_sample_coef(
+        coefs_ptr,
+        row_stride,
+        column,
+        sample,
+        first_sample,
+        in_next_sample,
+        has_next_sample,
+        mask,
+        SAMPLE_SPANS_BLOCK: tl.constexpr,
+    ):
         """coefs[sample, column] for every element of the block.
 
         When a sample is at least a block long the block touches at most two samples: two scalar
@@ -188,7 +197,9 @@ if triton is not None:
         row_stride = NUM_TERMS + 1
 
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        acc = x * _per_sample_coef(coefs_ptr, row_stride, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
+        acc = x * _per_sample_coef(
+            coefs_ptr, row_stride, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK
+        )
         for k in tl.static_range(1, NUM_TERMS + 1):
             # Term k - 1 of the eight pointer slots; the unused slots are never read.
             if k == 1:
@@ -208,14 +219,18 @@ if triton is not None:
             else:
                 term_ptr = term7_ptr
             term = tl.load(term_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            coef = _per_sample_coef(coefs_ptr, row_stride, k, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
+            coef = _per_sample_coef(
+                coefs_ptr, row_stride, k, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK
+            )
             acc = acc + coef * term
         if HAS_NOISE:
             if USE_EXPLICIT_NOISE:
                 z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             else:
                 z = _block_noise(seed, offset.to(tl.int64), block_start, ALIGNED, BLOCK)
-            coef = _per_sample_coef(noise_coef_ptr, 1, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK)
+            coef = _per_sample_coef(
+                noise_coef_ptr, 1, 0, sample, first_sample, in_next_sample, has_next_sample, mask, SAMPLE_SPANS_BLOCK
+            )
             acc = acc + coef * z
         _store_rounded(out_ptr + offsets, acc, mask)
 
@@ -302,16 +317,47 @@ if triton is not None:
         first_position = offset.to(tl.int64) + sample * positions_per_sample
         if block < x_blocks:
             _diffuse_block(
-                out_x_ptr, out_x_batch_stride, x_ptr, x_batch_stride, mu_ptr, mu_batch_stride,
-                noise_x_ptr, noise_x_batch_stride, x_coefs_ptr, sample, block, x_numel, first_position, seed,
-                HAS_MU=HAS_MU, NOISY=True, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, ALIGNED=ALIGNED, BLOCK=BLOCK,
+                out_x_ptr,
+                out_x_batch_stride,
+                x_ptr,
+                x_batch_stride,
+                mu_ptr,
+                mu_batch_stride,
+                noise_x_ptr,
+                noise_x_batch_stride,
+                x_coefs_ptr,
+                sample,
+                block,
+                x_numel,
+                first_position,
+                seed,
+                HAS_MU=HAS_MU,
+                NOISY=True,
+                USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE,
+                ALIGNED=ALIGNED,
+                BLOCK=BLOCK,
             )
         else:
             _diffuse_block(
-                out_y_ptr, out_y_batch_stride, y_ptr, y_batch_stride, y_ptr, y_batch_stride,
-                noise_y_ptr, noise_y_batch_stride, y_coefs_ptr, sample, block - x_blocks, y_numel,
-                first_position + x_numel, seed,
-                HAS_MU=False, NOISY=NOISY_Y, USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE, ALIGNED=ALIGNED, BLOCK=BLOCK,
+                out_y_ptr,
+                out_y_batch_stride,
+                y_ptr,
+                y_batch_stride,
+                y_ptr,
+                y_batch_stride,
+                noise_y_ptr,
+                noise_y_batch_stride,
+                y_coefs_ptr,
+                sample,
+                block - x_blocks,
+                y_numel,
+                first_position + x_numel,
+                seed,
+                HAS_MU=False,
+                NOISY=NOISY_Y,
+                USE_EXPLICIT_NOISE=USE_EXPLICIT_NOISE,
+                ALIGNED=ALIGNED,
+                BLOCK=BLOCK,
             )
 
     @triton.jit(**_RUNTIME_VALUES)
@@ -447,9 +493,24 @@ def _mr_step(out, x, terms: Sequence[torch.Tensor], coefs, noise_coef, seed: int
     grid = (triton.cdiv(numel, BLOCK),)
     with _on_device(x):
         _mr_step_kernel[grid](
-            out, x, *term_slots, coefs, noise_coef, noise, numel, per_sample_numel, batch, seed, offset,
-            NUM_TERMS=len(terms), HAS_NOISE=has_noise, USE_EXPLICIT_NOISE=use_explicit_noise,
-            SAMPLE_SPANS_BLOCK=per_sample_numel >= BLOCK, ALIGNED=offset % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            out,
+            x,
+            *term_slots,
+            coefs,
+            noise_coef,
+            noise,
+            numel,
+            per_sample_numel,
+            batch,
+            seed,
+            offset,
+            NUM_TERMS=len(terms),
+            HAS_NOISE=has_noise,
+            USE_EXPLICIT_NOISE=use_explicit_noise,
+            SAMPLE_SPANS_BLOCK=per_sample_numel >= BLOCK,
+            ALIGNED=offset % 4 == 0,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
 
 
@@ -486,11 +547,35 @@ def _noise_inject(out_x, out_y, x0, x_coefs, y0, y_coefs, mu, seed: int, offset:
     positions_per_sample = x_numel + (y_numel if noisy_y else 0)
     with _on_device(x0):
         _noise_inject_kernel[grid](
-            out_x, out_x_stride, x0, x_stride, mu, mu_stride, noise_x, noise_x_stride, x_coefs, x_numel, x_blocks,
-            out_y, out_y_stride, y0, y_stride, noise_y, noise_y_stride, y_coefs, y_numel, y_blocks,
-            positions_per_sample, seed, offset,
-            HAS_MU=has_mu, NOISY_Y=noisy_y, USE_EXPLICIT_NOISE=use_explicit_noise,
-            ALIGNED=offset % 4 == 0 and positions_per_sample % 4 == 0 and x_numel % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            out_x,
+            out_x_stride,
+            x0,
+            x_stride,
+            mu,
+            mu_stride,
+            noise_x,
+            noise_x_stride,
+            x_coefs,
+            x_numel,
+            x_blocks,
+            out_y,
+            out_y_stride,
+            y0,
+            y_stride,
+            noise_y,
+            noise_y_stride,
+            y_coefs,
+            y_numel,
+            y_blocks,
+            positions_per_sample,
+            seed,
+            offset,
+            HAS_MU=has_mu,
+            NOISY_Y=noisy_y,
+            USE_EXPLICIT_NOISE=use_explicit_noise,
+            ALIGNED=offset % 4 == 0 and positions_per_sample % 4 == 0 and x_numel % 4 == 0,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
 
 
@@ -511,11 +596,28 @@ def _weighted_score_loss(loss, grad, output, coefs, split: Optional[int], seed: 
     if blocks_per_sample:
         with _on_device(output):
             _weighted_score_loss_kernel[(batch * blocks_per_sample,)](
-                partial_loss, grad, grad_stride, output, output_stride, coefs, coefs.stride(0),
-                noise, noise_stride, target, target_stride, numel, blocks_per_sample,
-                0 if split is None else split, seed, offset,
-                HAS_SPLIT=split is not None, USE_EXPLICIT_NOISE=use_explicit_noise, HAS_TARGET=has_target,
-                ALIGNED=offset % 4 == 0 and numel % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                partial_loss,
+                grad,
+                grad_stride,
+                output,
+                output_stride,
+                coefs,
+                coefs.stride(0),
+                noise,
+                noise_stride,
+                target,
+                target_stride,
+                numel,
+                blocks_per_sample,
+                0 if split is None else split,
+                seed,
+                offset,
+                HAS_SPLIT=split is not None,
+                USE_EXPLICIT_NOISE=use_explicit_noise,
+                HAS_TARGET=has_target,
+                ALIGNED=offset % 4 == 0 and numel % 4 == 0,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
             )
     # A fixed-order sum over the [batch, blocks] partials: bitwise reproducible, unlike atomics.
     torch.sum(partial_loss, dim=1, out=loss)

@@ -118,7 +118,13 @@ def weighted_score_loss(
     if output.ndim < 1:
         raise ValueError(describe("output", "a batch [B, ...]", "a 0-dim tensor"))
     if output.shape[0] == 0 and reduction == "mean":
-        raise ValueError(describe("output", 'a non-empty batch for reduction="mean" (the mean of no samples is undefined)', f"shape {tuple(output.shape)}"))
+        raise ValueError(
+            describe(
+                "output",
+                'a non-empty batch for reduction="mean" (the mean of no samples is undefined)',
+                f"shape {tuple(output.shape)}",
+            )
+        )
     batch, dim = output.shape[0], math.prod(output.shape[1:])
     segments = 1
     if split is not None:

@@ -13,4 +13,10 @@ __all__ = [
     "euler_maruyama",
     "pc_sample",
     "posterior_sample",
-    "probability_flow_euler", "UnstableSolverWarning", "convert", "get_timesteps", "prediction_coefficients", "sample"]
+    "probability_flow_euler",
+    "UnstableSolverWarning",
+    "convert",
+    "get_timesteps",
+    "prediction_coefficients",
+    "sample",
+]

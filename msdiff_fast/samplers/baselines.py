@@ -10,30 +10,54 @@ All take a model(x_t, t, c) returning ``model_output`` and time grids from ``get
 """
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from ..sde import LinearSDE, MultiSpeedSDE, VESDE, randn_like
+from ..sde import VESDE, LinearSDE, MultiSpeedSDE, check_sde, randn_like
 from .combination import Combination
-from .mr_sampler import call_model, check_generator, check_state, divergence_limit, initial_state, seed_from
+from .loop import call_model, check_generator, check_state, divergence_limit, initial_state, seed_from
 from .parameterization import KINDS, check_kind, prediction_coefficients
 from .timesteps import check_steps, get_timesteps
 
 Times = Union[str, Sequence[float], torch.Tensor]
 
 
-def _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generator):
+@dataclass(frozen=True)
+class BaselineOptions:
+    """The keyword settings of ``posterior_sample``, ``euler_maruyama`` and ``probability_flow_euler``.
+
+    model_output: what the model returns (noise, data, velocity, score); timesteps, t_end: the time
+    grid (``get_timesteps``); x_T: the start (default: drawn from the prior with ``generator``,
+    which also seeds the noise); callback: called with {"i", "t", "x"} after every step; progress:
+    a tqdm bar; shape: the sample shape when neither mu nor x_T is given; cond: what the model
+    receives as its condition (default mu); backend: of the fused step; clip: (low, high) of the result.
+    """
+
+    model_output: str = "noise"
+    timesteps: Times = "uniform_t"
+    t_end: Optional[float] = None
+    x_T: Optional[torch.Tensor] = None
+    generator: Optional[torch.Generator] = None
+    callback: Optional[Callable[[dict], None]] = None
+    progress: bool = False
+    shape: Optional[Sequence[int]] = None
+    cond: Optional[torch.Tensor] = None
+    backend: str = "auto"
+    clip: Optional[Tuple[float, float]] = None
+
+
+def _prepare(sde, steps: int, mu, options: BaselineOptions):
     if isinstance(sde, MultiSpeedSDE):
         sde = sde.x
-    if not isinstance(sde, LinearSDE):
-        raise TypeError(f"sde: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
-    check_kind("model_output", model_output, KINDS)
+    check_sde(sde)
+    check_kind("model_output", options.model_output, KINDS)
     sde.check_mu(mu)
-    ts = get_timesteps(sde, steps, timesteps, t_end=t_end)
-    check_generator(generator)
-    return sde, ts, initial_state(sde, mu, x_T, shape, generator)
+    ts = get_timesteps(sde, steps, options.timesteps, t_end=options.t_end)
+    check_generator(options.generator)
+    return sde, ts, initial_state(sde, mu, options.x_T, options.shape, options.generator)
 
 
 def _form(sde, s, model_output, kind, output, x, mu) -> Combination:
@@ -41,22 +65,24 @@ def _form(sde, s, model_output, kind, output, x, mu) -> Combination:
     return Combination([(output, c_out), (x, c_x), (mu, c_mu)])
 
 
-def posterior_sample(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, *, model_output: str = "noise", timesteps: Times = "uniform_t", t_end: Optional[float] = None, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, backend="auto", clip=None) -> torch.Tensor:
-    """Ancestral sampling from the exact Gaussian posterior of x_t given x_s and x0 = x0_hat.
+def posterior_sample(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, **options) -> torch.Tensor:
+    """Ancestral sampling from the exact Gaussian posterior of x_t given x_s and x0 = x0_hat
+    (``options``: the keywords of ``BaselineOptions``).
 
     For y = x - mu, y_s | y_t ~ N((alpha_s / alpha_t) y_t, v) with v = sigma_s^2 - (alpha_s / alpha_t)^2 sigma_t^2,
     so q(y_t | y_s, y0) has precision 1 / sigma_t^2 + (alpha_s / alpha_t)^2 / v and mean
     var * (alpha_t y0 / sigma_t^2 + (alpha_s / alpha_t) y_s / v): the IR-SDE posterior for any step size.
     """
-    sde, ts, x = _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generator)
+    options = BaselineOptions(**options)
+    sde, ts, x = _prepare(sde, steps, mu, options)
     if x.shape[0] == 0:
         return x.clone()
-    condition = cond if cond is not None else mu
-    seed, limit = seed_from(generator), divergence_limit(sde, mu)
-    for i in tqdm(range(steps), disable=not progress, desc="posterior", leave=False):
+    condition = options.cond if options.cond is not None else mu
+    seed, limit = seed_from(options.generator), divergence_limit(sde, mu)
+    for i in tqdm(range(steps), disable=not options.progress, desc="posterior", leave=False):
         s, t = float(ts[i]), float(ts[i + 1])
         output = call_model(model, x, s, condition, i, steps, "posterior_sample")
-        x0 = _form(sde, s, model_output, "data", output, x, mu)
+        x0 = _form(sde, s, options.model_output, "data", output, x, mu)
         alpha_s, alpha_t, sigma_s, sigma_t = (float(v) for v in (sde.alpha(s), sde.alpha(t), sde.sigma(s), sde.sigma(t)))
         ratio = alpha_s / alpha_t
         transition_var = sigma_s**2 - ratio**2 * sigma_t**2
@@ -66,46 +92,54 @@ def posterior_sample(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, s
             var = 1 / (1 / sigma_t**2 + ratio**2 / transition_var)
             keep_x, keep_x0, std = var * ratio / transition_var, var * alpha_t / sigma_t**2, math.sqrt(var)
         update = Combination([(x, keep_x), (mu, 1 - keep_x - keep_x0)]) + x0.scaled(keep_x0)
-        x = update.evaluate(x, std, seed=seed, offset=i * x.numel(), backend=backend)
+        x = update.evaluate(x, std, seed=seed, offset=i * x.numel(), backend=options.backend)
         check_state(x, limit, i, steps, s, t, "posterior_sample")
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x})
-    return x.clamp(*clip) if clip is not None else x
+        if options.callback is not None:
+            options.callback({"i": i, "t": t, "x": x})
+    return x.clamp(*options.clip) if options.clip is not None else x
 
 
-def euler_maruyama(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, *, model_output: str = "noise", timesteps: Times = "uniform_t", t_end: Optional[float] = None, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, backend="auto", clip=None) -> torch.Tensor:
-    """x_t = x_s - [f_s (x_s - mu) - g_s^2 score] (s - t) + g_s sqrt(s - t) z."""
-    return _euler(model, sde, mu, steps, model_output, timesteps, t_end, x_T, generator, callback, progress, shape, cond, backend, clip, stochastic=True)
+def euler_maruyama(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, **options) -> torch.Tensor:
+    """x_t = x_s - [f_s (x_s - mu) - g_s^2 score] (s - t) + g_s sqrt(s - t) z (``options``: ``BaselineOptions``)."""
+    return _euler(model, sde, mu, steps, BaselineOptions(**options), stochastic=True)
 
 
-def probability_flow_euler(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, *, model_output: str = "noise", timesteps: Times = "uniform_t", t_end: Optional[float] = None, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, backend="auto", clip=None) -> torch.Tensor:
-    """x_t = x_s - [f_s (x_s - mu) - g_s^2 score / 2] (s - t)."""
-    return _euler(model, sde, mu, steps, model_output, timesteps, t_end, x_T, generator, callback, progress, shape, cond, backend, clip, stochastic=False)
+def probability_flow_euler(model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 100, **options) -> torch.Tensor:
+    """x_t = x_s - [f_s (x_s - mu) - g_s^2 score / 2] (s - t) (``options``: ``BaselineOptions``)."""
+    return _euler(model, sde, mu, steps, BaselineOptions(**options), stochastic=False)
 
 
-def _euler(model, sde, mu, steps, model_output, timesteps, t_end, x_T, generator, callback, progress, shape, cond, backend, clip, stochastic):
-    sde, ts, x = _prepare(sde, steps, timesteps, t_end, model_output, mu, x_T, shape, generator)
+def _euler(model, sde, mu, steps: int, options: BaselineOptions, stochastic: bool):
+    sde, ts, x = _prepare(sde, steps, mu, options)
     if x.shape[0] == 0:
         return x.clone()
-    condition = cond if cond is not None else mu
-    seed, limit = seed_from(generator), divergence_limit(sde, mu)
+    condition = options.cond if options.cond is not None else mu
+    seed, limit = seed_from(options.generator), divergence_limit(sde, mu)
     name = "euler_maruyama" if stochastic else "probability_flow_euler"
-    for i in tqdm(range(steps), disable=not progress, desc=name, leave=False):
+    for i in tqdm(range(steps), disable=not options.progress, desc=name, leave=False):
         s, t = float(ts[i]), float(ts[i + 1])
         dt = s - t
         output = call_model(model, x, s, condition, i, steps, name)
-        score = _form(sde, s, model_output, "score", output, x, mu)
+        score = _form(sde, s, options.model_output, "score", output, x, mu)
         f, g2 = float(sde.f(s)), float(sde.g2(s))
         score_weight = g2 if stochastic else 0.5 * g2
         update = Combination([(x, 1 - f * dt), (mu, f * dt)]) + score.scaled(score_weight * dt)
-        x = update.evaluate(x, math.sqrt(g2 * dt) if stochastic else 0.0, seed=seed, offset=i * x.numel(), backend=backend)
+        noise = math.sqrt(g2 * dt) if stochastic else 0.0
+        x = update.evaluate(x, noise, seed=seed, offset=i * x.numel(), backend=options.backend)
         check_state(x, limit, i, steps, s, t, name)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x})
-    return x.clamp(*clip) if clip is not None else x
+        if options.callback is not None:
+            options.callback({"i": i, "t": t, "x": x})
+    return x.clamp(*options.clip) if options.clip is not None else x
 
 
-def conditioned_model(model, sde: MultiSpeedSDE, y: torch.Tensor, mode: str = "fresh", generator: Optional[torch.Generator] = None, times: Optional[torch.Tensor] = None):
+def conditioned_model(
+    model,
+    sde: MultiSpeedSDE,
+    y: torch.Tensor,
+    mode: str = "fresh",
+    generator: Optional[torch.Generator] = None,
+    times: Optional[torch.Tensor] = None,
+):
     """model(x_t, t, y_t) of a multi-speed (CDiffE / CMDE) network as model(x_t, t, _) for a sampler.
 
     mode "clean": y_t = y (CDE); "fresh": a new y_t = a_y y + s_y z at every call (the reference
@@ -175,16 +209,29 @@ def pc_sample(
     if isinstance(sde, MultiSpeedSDE):
         x_sde = sde.x
         times = torch.linspace(float(x_sde.T), float(x_sde.t_end if t_end is None else t_end), steps + 1, dtype=torch.float64)
-        net = conditioned_model(model, sde, y, conditioning, generator, times) if y is not None else (lambda x_t, t, _: model(x_t, t, None))
+        net = (
+            conditioned_model(model, sde, y, conditioning, generator, times)
+            if y is not None
+            else (lambda x_t, t, _: model(x_t, t, None))
+        )
     else:
         x_sde, net = sde, (lambda x_t, t, _: model(x_t, t, y))
     if x_sde.mean_reverting:
-        raise ValueError("sde: pc_sample is the VE/VP reference sampler; for mean-reverting SDEs use posterior_sample or MRSampler")
+        raise ValueError(
+            "sde: pc_sample is the VE/VP reference sampler; for mean-reverting SDEs use posterior_sample or MRSampler"
+        )
     check_kind("model_output", model_output, KINDS)
     if not snr > 0 or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"snr, corrector_steps: expected snr > 0 and an int >= 0, got {snr!r}, {corrector_steps!r}")
     ts = get_timesteps(x_sde, steps, "uniform_t", t_end=t_end)
-    x = initial_state(x_sde, None, x_T, shape if x_T is not None or y is None else (shape or y.shape), generator, None if y is None else y.device)
+    x = initial_state(
+        x_sde,
+        None,
+        x_T,
+        shape if x_T is not None or y is None else (shape or y.shape),
+        generator,
+        None if y is None else y.device,
+    )
     if y is not None and x_T is None:
         x = x.to(y.dtype)
     if x.shape[0] == 0:

@@ -49,7 +49,15 @@ class Combination:
             rest = [(head[0], 0.0)]
         return head[0], [t for t, _ in rest], [head[1]] + [c for _, c in rest]
 
-    def evaluate(self, like: torch.Tensor, noise_coef: float = 0.0, seed: int = 0, offset: int = 0, backend: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def evaluate(
+        self,
+        like: torch.Tensor,
+        noise_coef: float = 0.0,
+        seed: int = 0,
+        offset: int = 0,
+        backend: str = "auto",
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The combination as a tensor shaped like ``like`` (one mr_step call)."""
         x, terms, coefficients = self.operands(like)
         check_coefficients(coefficients, noise_coef)
@@ -65,4 +73,6 @@ class Combination:
 def check_coefficients(coefficients: List[float], noise_coef: float = 0.0) -> None:
     bad = [c for c in coefficients if not math.isfinite(c)] + ([noise_coef] if not math.isfinite(noise_coef) else [])
     if bad:
-        raise FloatingPointError(f"sampler coefficients are not finite ({bad}); the time grid reaches a point where the schedule is singular")
+        raise FloatingPointError(
+            f"sampler coefficients are not finite ({bad}); the time grid reaches a point where the schedule is singular"
+        )

@@ -32,12 +32,13 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..sde import LinearSDE, MultiSpeedSDE
+from ..sde import LinearSDE, MultiSpeedSDE, check_sde
 from .combination import Combination
+from .loop import Model, call_model, check_generator, check_state, divergence_limit, initial_state, limit_data, seed_from
 from .parameterization import KINDS, PREDICTIONS, check_kind, prediction_coefficients
+from .static import StaticMRSampler
 from .timesteps import get_timesteps
 
-Model = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 LOOPS = ("eager", "static", "graph")
 
 
@@ -45,22 +46,19 @@ class UnstableSolverWarning(UserWarning):
     """A solver configuration known to diverge (noise-prediction SDE with large steps)."""
 
 
-def check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-
-
-def seed_from(generator: Optional[torch.Generator]) -> int:
-    """A Philox seed for the fused ops, drawn from ``generator`` (or torch's default one)."""
-    check_generator(generator)
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-
-
 MULTISTEP_FORMS = ("heun", "midpoint")
 
 
-def step_coefficients(solver: str, prediction: str, order: int, sde: LinearSDE, s: float, t: float, previous_lams: Sequence[float], multistep: str = "heun"):
+def step_coefficients(
+    solver: str,
+    prediction: str,
+    order: int,
+    sde: LinearSDE,
+    s: float,
+    t: float,
+    previous_lams: Sequence[float],
+    multistep: str = "heun",
+):
     """Coefficients of x_t = A x_s + sum_j W[j] q_j + M mu + N z, q_0 the newest prediction.
 
     previous_lams: lam of the times of q_1, q_2 (as many as order - 1). multistep: the form of a
@@ -165,8 +163,7 @@ class MRSampler:
     ):
         if isinstance(sde, MultiSpeedSDE):
             sde = sde.x
-        if not isinstance(sde, LinearSDE):
-            raise TypeError(f"sde: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+        check_sde(sde)
         if solver not in ("ode", "sde"):
             raise ValueError(f"solver: expected 'ode' or 'sde', got {solver!r}")
         max_order = 3 if solver == "ode" else 2
@@ -204,7 +201,10 @@ class MRSampler:
 
     def __repr__(self):
         form = f", multistep={self.multistep!r}" if self.multistep != "heun" else ""
-        return f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, prediction={self.prediction!r}, model_output={self.model_output!r}{form})"
+        return (
+            f"MRSampler({self.sde!r}, steps={self.steps}, solver={self.solver!r}, order={self.order}, "
+            f"prediction={self.prediction!r}, model_output={self.model_output!r}{form})"
+        )
 
     @property
     def nfe(self) -> int:
@@ -239,8 +239,10 @@ class MRSampler:
         callback receives {"i", "t", "x", "x0"} after every step (eager loop only, as is progress).
         """
         if self.loop != "eager" and (callback is not None or progress):
-            raise ValueError(f"callback, progress: expected None and False with loop={self.loop!r} (per-step host work would synchronise "
-                             f"every step), got callback={callback!r}, progress={progress!r}; use loop='eager'")
+            raise ValueError(
+                f"callback, progress: expected None and False with loop={self.loop!r} (per-step host work would synchronise "
+                f"every step), got callback={callback!r}, progress={progress!r}; use loop='eager'"
+            )
         sde = self.sde
         sde.check_mu(mu)
         check_generator(generator)
@@ -252,12 +254,12 @@ class MRSampler:
         if self.loop == "eager":
             return self.run_eager(model, x, mu, condition, seed, callback, progress)
         if self._static is None:
-            from .static import StaticMRSampler  # static builds on this module
-
             self._static = StaticMRSampler(self, graph=self.loop == "graph")
         return self._static.run(model, x, mu, condition, seed)
 
-    def run_eager(self, model: Model, x: torch.Tensor, mu, condition, seed: int, callback=None, progress: bool = False) -> torch.Tensor:
+    def run_eager(
+        self, model: Model, x: torch.Tensor, mu, condition, seed: int, callback=None, progress: bool = False
+    ) -> torch.Tensor:
         """The step-by-step loop from the start x with the noise seed ``seed`` (see ``sample``)."""
         history = deque(maxlen=max(self.order - 1, 1))
         limit = divergence_limit(self.sde, mu)
@@ -297,10 +299,7 @@ class MRSampler:
 
     def prediction_from_data(self, x0, x, mu, s: float) -> Combination:
         """The solver's prediction from a (limited) data prediction x0."""
-        if self.prediction == "data":
-            return Combination([(x0, 1.0)])
-        alpha, sigma = float(self.sde.alpha(s)), float(self.sde.sigma(s))
-        return Combination([(x0, -alpha / sigma), (x, 1 / sigma), (mu, -(1 - alpha) / sigma)])
+        return self.converted(Combination([(x0, 1.0)]), "data", self.prediction, x, mu, s)
 
     def prediction_of(self, output, x, mu, s: float) -> Combination:
         """The solver's prediction at time s as a combination of (output, x, mu)."""
@@ -314,98 +313,42 @@ class MRSampler:
         """Step i's update as (combination, noise coefficient); history holds (lam, prediction) of
         the previous steps, newest first."""
         s, t = float(self.timesteps[i]), float(self.timesteps[i + 1])
-        a, weights, m, noise = step_coefficients(self.solver, self.prediction, self.step_order(i), self.sde, s, t, [lam for lam, _ in history],
-                                                 self.multistep)
+        a, weights, m, noise = step_coefficients(
+            self.solver, self.prediction, self.step_order(i), self.sde, s, t, [lam for lam, _ in history], self.multistep
+        )
         update = Combination([(x, a), (mu, m)])
         for weight, form in zip(weights, [prediction] + [form for _, form in history]):
             update = update + form.scaled(weight)
         return update, noise
 
     def data_of(self, prediction: Combination, x, mu, s) -> Combination:
-        if self.prediction == "data":
+        """The data prediction at time s from the solver's prediction."""
+        return self.converted(prediction, self.prediction, "data", x, mu, s)
+
+    def converted(self, prediction: Combination, kind: str, target: str, x, mu, s: float) -> Combination:
+        """A ``kind`` prediction at time s as the ``target`` kind (parameterization's formulas)."""
+        if kind == target:
             return prediction
-        alpha, sigma = float(self.sde.alpha(s)), float(self.sde.sigma(s))
-        # x0 = (x - mu - sigma eps) / alpha + mu
-        return prediction.scaled(-sigma / alpha) + Combination([(x, 1 / alpha), (mu, 1 - 1 / alpha)])
+        c_out, c_x, c_mu = (float(c) for c in prediction_coefficients(self.sde, s, kind, target))
+        return prediction.scaled(c_out) + Combination([(x, c_x), (mu, c_mu)])
 
 
-def limit_data(x0: torch.Tensor, clip, threshold) -> torch.Tensor:
-    if threshold is not None:
-        # Imagen's dynamic thresholding: clamp to the per-sample quantile s (>= 1) and rescale
-        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), threshold, dim=1).clamp_min(1.0).to(x0.dtype)
-        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
-        x0 = x0.clamp(-s, s) / s
-    if clip is not None:
-        x0 = x0.clamp(*clip)
-    return x0
-
-
-def _check_batch(name: str, t) -> None:
-    """A floating-point [B, ...] tensor of finite values (NaN in mu is the caller's, not the solver's)."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor [B, ...], got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
-    if t.ndim < 1:
-        raise ValueError(f"{name}: expected a tensor with a batch dimension [B, ...], got a 0-dim tensor")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf (shape {tuple(t.shape)})")
-
-
-def initial_state(sde: LinearSDE, mu, x_T, shape, generator, device=None) -> torch.Tensor:
-    if mu is not None:
-        _check_batch("mu", mu)
-    if x_T is not None:
-        _check_batch("x_T", x_T)
-        if mu is not None and x_T.shape != mu.shape:
-            raise ValueError(f"x_T: expected shape {tuple(mu.shape)} (like mu), got {tuple(x_T.shape)}")
-        return x_T
-    if mu is not None:
-        return sde.prior(mu, generator)
-    if shape is None:
-        raise ValueError("shape: expected the sample shape [B, C, H, W] when neither mu nor x_T is given, got None")
-    prior = sde.prior(shape, generator)
-    return prior if device is None else prior.to(device)
-
-
-def time_tensor(x: torch.Tensor, s: float) -> torch.Tensor:
-    """The [B] time tensor the model receives at time s (float64 for float64 states)."""
-    return torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-
-
-def call_model(model: Model, x: torch.Tensor, s: Union[float, torch.Tensor], condition, i: int = 0, steps: int = 1, name: str = "sampler",
-               check: bool = True) -> torch.Tensor:
-    """model(x, t, condition) for step i, checked: shape of x, a floating dtype (cast to x's), and
-    (``check``) finite values, so that a network producing NaN is named as the cause, not the solver.
-    s is the time, or its ready-made ``time_tensor``."""
-    t = s if isinstance(s, torch.Tensor) else time_tensor(x, s)
-    output = model(x, t, condition)
-    if not isinstance(output, torch.Tensor) or output.shape != x.shape:
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ValueError(f"model: expected an output of shape {tuple(x.shape)} (like x_t), got {got}")
-    if not output.is_floating_point():
-        raise TypeError(f"model: expected a floating-point output (like x_t, {x.dtype}), got {output.dtype}")
-    if check and not bool(torch.isfinite(output).all()):
-        time = float(t.reshape(-1)[0]) if t.numel() else float("nan")
-        raise FloatingPointError(f"{name}: the model's output at step {i + 1}/{steps} (t = {time:.4g}) holds NaN or inf; the network "
-                                 f"or its weights produce non-finite values (not a solver problem: more steps will not help)")
-    if output.dtype != x.dtype:
-        output = output.to(x.dtype)
-    return output
-
-
-def divergence_limit(sde: LinearSDE, mu: Optional[torch.Tensor]) -> float:
-    """A bound no healthy sample exceeds: far beyond the prior's and the data's range."""
-    return 1e3 * max(sde.prior_std, 1.0) + (float(mu.abs().max()) if mu is not None and mu.numel() else 0.0)
-
-
-def check_state(x: torch.Tensor, limit: float, i: int, steps: int, s: float, t: float, name: str) -> None:
-    if x.numel() == 0:
-        return
-    largest = float(x.abs().max())
-    if not math.isfinite(largest) or largest > limit:
-        what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"
-        raise FloatingPointError(f"{name}: step {i + 1}/{steps} (t {s:.4g} -> {t:.4g}) produced {what}; the solver diverged (try more steps, prediction='data', or a lower order)")
-
-
-def sample(model: Model, sde: LinearSDE, mu: Optional[torch.Tensor] = None, steps: int = 10, *, x_T=None, generator=None, callback=None, progress=False, shape=None, cond=None, device=None, **options) -> torch.Tensor:
+def sample(
+    model: Model,
+    sde: LinearSDE,
+    mu: Optional[torch.Tensor] = None,
+    steps: int = 10,
+    *,
+    x_T=None,
+    generator=None,
+    callback=None,
+    progress=False,
+    shape=None,
+    cond=None,
+    device=None,
+    **options,
+) -> torch.Tensor:
     """One-call form: ``MRSampler(sde, steps, **options).sample(model, mu, ...)``."""
-    return MRSampler(sde, steps, **options).sample(model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond, device=device)
+    return MRSampler(sde, steps, **options).sample(
+        model, mu, x_T=x_T, generator=generator, callback=callback, progress=progress, shape=shape, cond=cond, device=device
+    )

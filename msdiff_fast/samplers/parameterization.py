@@ -28,6 +28,11 @@ def check_kind(name: str, value: str, allowed=KINDS) -> str:
     return value
 
 
+def velocity_norm_squared(sde: LinearSDE, t: torch.Tensor) -> torch.Tensor:
+    """c^2 = alpha^2 + (sigma / L)^2, the squared normaliser of the velocity (module docstring)."""
+    return sde.alpha(t) ** 2 + (sde.sigma(t) / sde.velocity_scale) ** 2
+
+
 def _data_and_noise_forms(sde: LinearSDE, t: torch.Tensor, kind: str):
     """(c_out, c_x, c_mu) of x0 and of eps, each as an affine function of (output, x_t, mu)."""
     alpha, sigma = sde.alpha(t), sde.sigma(t)
@@ -41,7 +46,7 @@ def _data_and_noise_forms(sde: LinearSDE, t: torch.Tensor, kind: str):
         return data, (-alpha / sigma, 1 / sigma, -(1 - alpha) / sigma)
     else:
         scale = sde.velocity_scale
-        c2 = alpha**2 + (sigma / scale) ** 2
+        c2 = velocity_norm_squared(sde, t)
         data = (-sigma / (scale * c2.sqrt()), alpha / c2, 1 - alpha / c2)
         data_minus_mu = (data[0], data[1], data[2] - 1)
         return data, tuple((e - alpha * d) / sigma for e, d in zip((zero, one, -one), data_minus_mu))
@@ -50,7 +55,9 @@ def _data_and_noise_forms(sde: LinearSDE, t: torch.Tensor, kind: str):
     return data, eps
 
 
-def prediction_coefficients(sde: LinearSDE, t: Time, model_output: str, prediction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prediction_coefficients(
+    sde: LinearSDE, t: Time, model_output: str, prediction: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c_out, c_x, c_mu) with prediction = c_out * output + c_x * x_t + c_mu * mu, float64."""
     check_kind("model_output", model_output)
     check_kind("prediction", prediction, KINDS)
@@ -66,12 +73,20 @@ def prediction_coefficients(sde: LinearSDE, t: Time, model_output: str, predicti
     # velocity from (x0, eps): v = (L alpha eps - (sigma / L)(x0 - mu)) / c
     alpha, sigma = sde.alpha(t), sde.sigma(t)
     scale = sde.velocity_scale
-    c = torch.sqrt(alpha**2 + (sigma / scale) ** 2)
+    c = torch.sqrt(velocity_norm_squared(sde, t))
     a, b = scale * alpha / c, sigma / (scale * c)
     return (a * eps[0] - b * data[0], a * eps[1] - b * data[1], a * eps[2] - b * data[2] + b)
 
 
-def convert(output: torch.Tensor, model_output: str, prediction: str, sde: LinearSDE, x_t: torch.Tensor, t: Time, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+def convert(
+    output: torch.Tensor,
+    model_output: str,
+    prediction: str,
+    sde: LinearSDE,
+    x_t: torch.Tensor,
+    t: Time,
+    mu: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The ``prediction`` kind of a network output of kind ``model_output`` at (x_t, t)."""
     if output.shape != x_t.shape:
         raise ValueError(f"output: expected shape {tuple(x_t.shape)} (like x_t), got {tuple(output.shape)}")

@@ -29,7 +29,7 @@ import torch
 from ..ops import mr_step
 from ..ops.reference import compute_dtype
 from .combination import check_coefficients
-from .mr_sampler import MRSampler, Model, call_model, divergence_limit, limit_data, time_tensor
+from .loop import Model, call_model, divergence_limit, limit_data, time_tensor
 
 
 class Slot:
@@ -76,7 +76,12 @@ class LoopPlan:
     result: Slot
 
 
-def plan_loop(sampler: MRSampler, has_mu: bool) -> LoopPlan:
+# What plan_loop reads of an MRSampler (this module sits below mr_sampler.py, which runs its
+# static loops through StaticMRSampler, so it knows the sampler by these names, not by its class).
+PLANNED_INTERFACE = ("timesteps", "lams", "raw_prediction", "prediction_from_data", "data_of", "update_of")
+
+
+def plan_loop(sampler, has_mu: bool) -> LoopPlan:
     """The steps of ``sampler``'s loop on placeholders, mirroring ``MRSampler.run_eager`` (mu is
     None for VE/VP SDEs: Combinations then leave its terms out)."""
     x, mu = Slot("x_0"), Slot("mu") if has_mu else None
@@ -132,8 +137,8 @@ class StaticMRSampler:
     reads tensors other than its arguments reads the ones it read during capture).
     """
 
-    def __init__(self, sampler: MRSampler, graph: bool = False):
-        if not isinstance(sampler, MRSampler):
+    def __init__(self, sampler, graph: bool = False):
+        if not all(hasattr(sampler, name) for name in PLANNED_INTERFACE):
             raise TypeError(f"sampler: expected an MRSampler, got {type(sampler).__name__}")
         if not isinstance(graph, bool):
             raise TypeError(f"graph: expected a bool, got {graph!r}")
@@ -156,8 +161,17 @@ class StaticMRSampler:
             dtype = compute_dtype(like.dtype)
             self._coefficients[key] = DeviceCoefficients(
                 [time_tensor(like, step.time) for step in plan.steps],
-                [[torch.tensor([call.coefficients], dtype=dtype).repeat(batch, 1).to(device) for call in step.calls] for step in plan.steps],
-                [[torch.full((batch,), call.noise, dtype=dtype).to(device) if call.noise != 0.0 else None for call in step.calls] for step in plan.steps],
+                [
+                    [torch.tensor([call.coefficients], dtype=dtype).repeat(batch, 1).to(device) for call in step.calls]
+                    for step in plan.steps
+                ],
+                [
+                    [
+                        torch.full((batch,), call.noise, dtype=dtype).to(device) if call.noise != 0.0 else None
+                        for call in step.calls
+                    ]
+                    for step in plan.steps
+                ],
             )
         return self._coefficients[key]
 
@@ -173,11 +187,21 @@ class StaticMRSampler:
         values = {plan.start: x, plan.mu: mu}
         peak = None
         for i, step in enumerate(plan.steps):
-            values[step.output] = call_model(model, values[step.state], numbers.times[i], condition, check=False)  # the guard reads once, at the end
+            values[step.output] = call_model(
+                model, values[step.state], numbers.times[i], condition, check=False
+            )  # the guard reads once, at the end
             for call, coefs, noise_coef in zip(step.calls, numbers.coefs[i], numbers.noise_coefs[i]):
                 explicit = noise[call.step] if noise is not None and noise_coef is not None else None
-                out = mr_step(values[call.x], [values[t] for t in call.terms], coefs, noise_coef, seed=seed, offset=call.step * x.numel(),
-                              noise=explicit, backend=sampler.backend)
+                out = mr_step(
+                    values[call.x],
+                    [values[t] for t in call.terms],
+                    coefs,
+                    noise_coef,
+                    seed=seed,
+                    offset=call.step * x.numel(),
+                    noise=explicit,
+                    backend=sampler.backend,
+                )
                 values[call.out] = limit_data(out, sampler.clip, sampler.threshold) if call.limit else out
             if step.guarded is not None:
                 largest = values[step.guarded].abs().amax()
@@ -195,7 +219,9 @@ class StaticMRSampler:
         limit = divergence_limit(sampler.sde, mu) if sampler.check_finite else None
         if self.graph:
             if x.device.type != "cuda":
-                raise ValueError(f"loop: 'graph' captures CUDA graphs and needs CUDA tensors, got x_T on {x.device}; use loop='static'")
+                raise ValueError(
+                    f"loop: 'graph' captures CUDA graphs and needs CUDA tensors, got x_T on {x.device}; use loop='static'"
+                )
             result, peak = self._replay(model, x, mu, condition, seed)
         else:
             result, peak = self.loop(model, x, mu, condition, seed)
@@ -204,8 +230,10 @@ class StaticMRSampler:
             if not math.isfinite(largest) or largest > limit:
                 sampler.run_eager(model, x, mu, condition, seed)  # raises, naming the step
                 what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"
-                raise FloatingPointError(f"MRSampler(loop={'graph' if self.graph else 'static'!r}): the loop produced {what}, but replaying it step by step "
-                                         "did not (a model whose output changes from call to call?)")
+                raise FloatingPointError(
+                    f"MRSampler(loop={'graph' if self.graph else 'static'!r}): the loop produced {what}, but replaying it step by step "
+                    "did not (a model whose output changes from call to call?)"
+                )
         return result
 
     def _replay(self, model, x, mu, condition, seed):
@@ -251,9 +279,11 @@ class CapturedLoop:
             with torch.cuda.graph(self.graph):
                 self.outputs = loop(model, x, mu, condition, 0, noise)
         except RuntimeError as error:
-            raise RuntimeError(f"loop='graph': capturing the sampling loop as a CUDA graph failed ({error}); the model must run on the "
-                               "device without host synchronisation (no .item(), no CPU generators, no data-dependent shapes); "
-                               "loop='static' runs the same loop without capture") from error
+            raise RuntimeError(
+                f"loop='graph': capturing the sampling loop as a CUDA graph failed ({error}); the model must run on the "
+                "device without host synchronisation (no .item(), no CPU generators, no data-dependent shapes); "
+                "loop='static' runs the same loop without capture"
+            ) from error
 
     def __call__(self, x, mu, condition, noise):
         for buffer, value in zip(self.inputs, (x, mu, condition, noise)):

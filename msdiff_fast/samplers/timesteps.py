@@ -83,5 +83,7 @@ def _explicit(times, steps: int, sde: LinearSDE) -> torch.Tensor:
     inside = bool(torch.isfinite(ts).all()) and ts.min() >= -slack and ts.max() <= sde.T + slack
     clamped = ts.clamp(0, float(sde.T))
     if not inside or (clamped[1:] >= clamped[:-1]).any():
-        raise ValueError(f"timesteps: expected strictly decreasing finite times in [0, {sde.T}] (to a relative {TIME_TOLERANCE:g}), got {ts.tolist()}")
+        raise ValueError(
+            f"timesteps: expected strictly decreasing finite times in [0, {sde.T}] (to a relative {TIME_TOLERANCE:g}), got {ts.tolist()}"
+        )
     return clamped

@@ -11,13 +11,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import per_sample
 from ..samplers.parameterization import check_kind, convert
 from ..sde import LinearSDE, as_time
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.to(device=like.device, dtype=torch.float64)
-    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values
+    return per_sample(values, like.ndim) if values.ndim == 1 else values
 
 
 class ExactModel(abc.ABC):
@@ -58,7 +59,9 @@ class GaussianData(ExactModel):
         gain = alpha * self.std**2 / (alpha**2 * self.std**2 + sigma**2)
         return mean + gain * (centred - alpha * mean)
 
-    def flow(self, sde: LinearSDE, x: torch.Tensor, t_from: float, t_to: float, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def flow(
+        self, sde: LinearSDE, x: torch.Tensor, t_from: float, t_to: float, mu: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The exact probability-flow ODE map from t_from to t_to.
 
         The flow keeps each point's standardised position (x_t - m_t) / s_t in the Gaussian
@@ -85,11 +88,17 @@ class FiniteData(ExactModel):
 
     def __init__(self, points: torch.Tensor, weights: Optional[torch.Tensor] = None):
         if not isinstance(points, torch.Tensor) or points.ndim < 2:
-            raise ValueError(f"points: expected a tensor [K, *sample_shape], got {getattr(points, 'shape', type(points).__name__)}")
+            raise ValueError(
+                f"points: expected a tensor [K, *sample_shape], got {getattr(points, 'shape', type(points).__name__)}"
+            )
         self.points = points.double()
         k = points.shape[0]
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else weights.double()
-        if weights.shape != (k,) or (weights < 0).any() or not torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64)):
+        if (
+            weights.shape != (k,)
+            or (weights < 0).any()
+            or not torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+        ):
             raise ValueError(f"weights: expected {k} non-negative numbers summing to 1, got {weights.tolist()}")
         self.weights = weights
 
@@ -160,7 +169,16 @@ class GaussianMixture(FiniteData):
         return centres + self.std * torch.randn(centres.shape, generator=generator, dtype=torch.float64)
 
 
-def reference_ode_solution(model, sde: LinearSDE, x: torch.Tensor, t_from: float, t_to: float, mu: Optional[torch.Tensor] = None, model_output: str = "data", steps: int = 2000) -> torch.Tensor:
+def reference_ode_solution(
+    model,
+    sde: LinearSDE,
+    x: torch.Tensor,
+    t_from: float,
+    t_to: float,
+    mu: Optional[torch.Tensor] = None,
+    model_output: str = "data",
+    steps: int = 2000,
+) -> torch.Tensor:
     """A converged solution of the probability-flow ODE (classical RK4 in the half log-SNR).
 
     In w = (x - mu) / alpha the ODE reads dw/dlam = -exp(-lam) eps_hat(x, t(lam)): smooth and

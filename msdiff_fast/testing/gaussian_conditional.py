@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..sde import LinearSDE, MultiSpeedSDE, as_time
+from ..sde import LinearSDE, MultiSpeedSDE, as_time, check_sde
 
 F64 = torch.float64
 CONDITIONINGS = ("clean", "fresh", "consistent")
@@ -54,11 +54,18 @@ class GaussianInverseProblem:
                 raise ValueError(f"{name}: expected finite values, found NaN or inf")
         d = mean.shape[0]
         if cov.shape != (d, d) or operator.shape[1] != d:
-            raise ValueError(f"cov, operator: expected shapes ({d}, {d}) and (m, {d}) for a mean of size {d}, got {tuple(cov.shape)} and {tuple(operator.shape)}")
+            raise ValueError(
+                f"cov, operator: expected shapes ({d}, {d}) and (m, {d}) for a mean of size {d}, got {tuple(cov.shape)} and {tuple(operator.shape)}"
+            )
         cov = cov.to(F64)
         if not torch.allclose(cov, cov.T) or float(torch.linalg.eigvalsh(cov)[0]) <= 0:
             raise ValueError("cov: expected a symmetric positive definite matrix")
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not math.isfinite(noise_std) or noise_std < 0:
+        if (
+            not isinstance(noise_std, (int, float))
+            or isinstance(noise_std, bool)
+            or not math.isfinite(noise_std)
+            or noise_std < 0
+        ):
             raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
         self.mean, self.cov, self.operator = mean.to(F64), cov, operator.to(F64)
         self.noise_std = float(noise_std)
@@ -116,7 +123,11 @@ class GaussianInverseProblem:
         eye_x = torch.eye(self.dim, dtype=F64)
         eye_y = torch.eye(self.obs_dim, dtype=F64)
         alpha_x, sigma_x = (v.reshape(-1, 1, 1) for v in (x_sde.alpha(t), x_sde.sigma(t)))
-        alpha_y, sigma_y = (torch.ones_like(alpha_x), torch.zeros_like(sigma_x)) if y_sde is None else (v.reshape(-1, 1, 1) for v in (y_sde.alpha(t), y_sde.sigma(t)))
+        alpha_y, sigma_y = (
+            (torch.ones_like(alpha_x), torch.zeros_like(sigma_x))
+            if y_sde is None
+            else (v.reshape(-1, 1, 1) for v in (y_sde.alpha(t), y_sde.sigma(t)))
+        )
         cov_xx = alpha_x**2 * self.cov + sigma_x**2 * eye_x
         cov_xv = alpha_x * alpha_y * (self.cov @ self.operator.T)
         cov_vv = alpha_y**2 * self.obs_cov + sigma_y**2 * eye_y
@@ -145,7 +156,9 @@ class GaussianInverseProblem:
 
     def _apply(self, x_sde, y_sde, x_t, t, v):
         if x_t.ndim != 2 or x_t.shape[1] != self.dim or v.shape != (x_t.shape[0], self.obs_dim):
-            raise ValueError(f"x_t, y: expected [B, {self.dim}] and [B, {self.obs_dim}], got {tuple(x_t.shape)} and {tuple(v.shape)}")
+            raise ValueError(
+                f"x_t, y: expected [B, {self.dim}] and [B, {self.obs_dim}], got {tuple(x_t.shape)} and {tuple(v.shape)}"
+            )
         t = as_time(t).reshape(-1).expand(x_t.shape[0])
         x, v = x_t.to(F64), v.to(F64)
         # samplers call with one time for the whole batch: one set of coefficients per distinct t
@@ -156,8 +169,16 @@ class GaussianInverseProblem:
         centre = b[index] + torch.einsum("bdm,bm->bd", G[index], v)
         return torch.einsum("bd,bde->be", centre - x, P[index]).to(x_t.dtype)
 
-    def sampling_moments(self, y: torch.Tensor, x_sde: LinearSDE, y_sde: Optional[LinearSDE] = None, conditioning: Optional[str] = None,
-                         solver: str = "sde", steps: int = 400, t_end: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sampling_moments(
+        self,
+        y: torch.Tensor,
+        x_sde: LinearSDE,
+        y_sde: Optional[LinearSDE] = None,
+        conditioning: Optional[str] = None,
+        solver: str = "sde",
+        steps: int = 400,
+        t_end: Optional[float] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean [d], cov [d, d]) of x at t_end for the continuous-time sampler driven by an ideal score.
 
         The sampler starts from x_sde's prior N(0, prior_std^2 I) at T and runs the reverse SDE
@@ -248,7 +269,9 @@ class GaussianInverseProblem:
         return y.to(F64)
 
 
-def smooth_field(size: int, mean: float = 0.5, std: float = 0.25, length_scale: float = 1.5, nugget: float = 1e-3) -> Tuple[torch.Tensor, torch.Tensor]:
+def smooth_field(
+    size: int, mean: float = 0.5, std: float = 0.25, length_scale: float = 1.5, nugget: float = 1e-3
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean [d], cov [d, d]) of an image-like Gaussian field on a size x size grid (d = size^2):
     squared-exponential correlation with ``length_scale`` pixels plus independent pixel noise of
     variance ``nugget`` (which keeps the covariance, and every posterior, well conditioned)."""
@@ -272,8 +295,7 @@ def _field_options(options: dict) -> dict:
 
 
 def _check_sde(sde, name: str) -> None:
-    if not isinstance(sde, LinearSDE):
-        raise TypeError(f"{name}: expected an SDE from msdiff_fast.sde, got {type(sde).__name__}")
+    check_sde(sde, name)
     if sde.mean_reverting:
         raise ValueError(f"{name}: expected an SDE without mu (VE, VP, sub-VP), got {sde!r}")
 

@@ -1,15 +1,57 @@
 """Training data: data sets, image I/O and the degradations that make the condition y."""
-from .data import (IMAGE_EXTENSIONS, ConditionalPairs, ImageFolder, PairedFolders, SyntheticImages,
-                   check_images, item_seed, read_image, save_grid, write_image)
-from .degradations import (DEGRADATIONS, JPEG, Edges, GaussianBlur, GaussianNoise, Inpainting, LowLight,
-                           MotionBlur, SuperResolution, make_degradation)
+
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .trainer import TrainConfig, Trainer, train
+from .config import TrainConfig
+from .data import (
+    IMAGE_EXTENSIONS,
+    ConditionalPairs,
+    ImageFolder,
+    PairedFolders,
+    SyntheticImages,
+    check_images,
+    item_seed,
+    read_image,
+    save_grid,
+    write_image,
+)
+from .degradations import (
+    DEGRADATIONS,
+    JPEG,
+    Edges,
+    GaussianBlur,
+    GaussianNoise,
+    Inpainting,
+    LowLight,
+    MotionBlur,
+    SuperResolution,
+    make_degradation,
+)
+from .trainer import Trainer, train
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ConditionalPairs", "ImageFolder", "PairedFolders", "SyntheticImages",
-    "check_images", "item_seed", "read_image", "save_grid", "write_image",
-    "DEGRADATIONS", "JPEG", "Edges", "GaussianBlur", "GaussianNoise", "Inpainting", "LowLight",
-    "MotionBlur", "SuperResolution", "make_degradation",
-    "latest_checkpoint", "load_checkpoint", "TrainConfig", "Trainer", "train",
+    "IMAGE_EXTENSIONS",
+    "ConditionalPairs",
+    "ImageFolder",
+    "PairedFolders",
+    "SyntheticImages",
+    "check_images",
+    "item_seed",
+    "read_image",
+    "save_grid",
+    "write_image",
+    "DEGRADATIONS",
+    "JPEG",
+    "Edges",
+    "GaussianBlur",
+    "GaussianNoise",
+    "Inpainting",
+    "LowLight",
+    "MotionBlur",
+    "SuperResolution",
+    "make_degradation",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "TrainConfig",
+    "Trainer",
+    "train",
 ]

@@ -24,6 +24,7 @@ the newest complete ``step_*`` directory is used instead). Nothing is ever loade
 safetensors, and ``torch.load(weights_only=True)`` for the optimizer and state; every failure is a
 ValueError that names the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,8 +93,13 @@ def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _metadata(step: int, description: Mapping, estimator_name: str, kind: str) -> Dict[str, str]:
-    return {"format": FORMAT, "kind": kind, "step": str(step), "estimator": estimator_name,
-            "description": json.dumps(description, sort_keys=True)}
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "step": str(step),
+        "estimator": estimator_name,
+        "description": json.dumps(description, sort_keys=True),
+    }
 
 
 def check_description(description) -> Dict[str, Any]:
@@ -101,8 +107,10 @@ def check_description(description) -> Dict[str, Any]:
     if description is None:
         return {}
     if not isinstance(description, Mapping) or not all(isinstance(k, str) for k in description):
-        raise TypeError(f"description: expected a dict with string keys (e.g. {{'preset': 'tiny', "
-                        f"'estimator': 'cmde'}}), got {type(description).__name__}")
+        raise TypeError(
+            f"description: expected a dict with string keys (e.g. {{'preset': 'tiny', "
+            f"'estimator': 'cmde'}}), got {type(description).__name__}"
+        )
     try:
         return json.loads(json.dumps(dict(description), sort_keys=True))
     except (TypeError, ValueError) as err:
@@ -126,8 +134,11 @@ def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
     target = _pointed_to(folder)
     if target is not None:
         return target
-    candidates = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and _step_of(p.name) is not None
-                  and all((p / f).is_file() for f in _FILES)]
+    candidates = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.is_symlink() and _step_of(p.name) is not None and all((p / f).is_file() for f in _FILES)
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda p: (_step_of(p.name), p.stat().st_mtime_ns))
@@ -160,14 +171,23 @@ def resolve_checkpoint(path: PathLike) -> Path:
         found = latest_checkpoint(path)
         if found is not None:
             return found
-    raise FileNotFoundError(f"checkpoint: no checkpoint at {path} (expected a checkpoint directory with "
-                            f"{', '.join(_FILES)}, or a run directory whose checkpoints/latest names one)")
+    raise FileNotFoundError(
+        f"checkpoint: no checkpoint at {path} (expected a checkpoint directory with "
+        f"{', '.join(_FILES)}, or a run directory whose checkpoints/latest names one)"
+    )
 
 
 # ---------------------------------------------------------------------------- saving
-def save_checkpoint(folder: PathLike, step: int, model: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer_state: Mapping, state: Mapping, description: Mapping,
-                    estimator_name: str) -> Path:
+def save_checkpoint(
+    folder: PathLike,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer_state: Mapping,
+    state: Mapping,
+    description: Mapping,
+    estimator_name: str,
+) -> Path:
     """Write one checkpoint under ``folder`` (a run's ``checkpoints`` directory) and point
     ``latest`` at it; return its directory. ``state`` is torch.save'd as state.pt together with
     step, description and estimator name. Never replaces an existing checkpoint directory."""
@@ -210,8 +230,10 @@ def prune_checkpoints(folder: PathLike, keep: int) -> None:
             _remove(leftover)
     if keep <= 0:
         return
-    checkpoints = sorted((p for p in folder.iterdir() if p.is_dir() and _step_of(p.name) is not None),
-                         key=lambda p: (_step_of(p.name), p.stat().st_mtime_ns))
+    checkpoints = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and _step_of(p.name) is not None),
+        key=lambda p: (_step_of(p.name), p.stat().st_mtime_ns),
+    )
     for old in checkpoints[:-keep]:
         if current is None or old.resolve() != current.resolve():
             # Out of the step_* namespace first (one atomic rename), so that a kill while its files
@@ -244,18 +266,30 @@ def _verified_bytes(directory: Path, file: str) -> bytes:
     try:
         manifest = json.loads((directory / MANIFEST).read_bytes())
     except FileNotFoundError:
-        warnings.warn(f"checkpoint {directory} has no {MANIFEST} (written before content hashes): its files cannot be "
-                      f"verified", stacklevel=3)
+        warnings.warn(
+            f"checkpoint {directory} has no {MANIFEST} (written before content hashes): its files cannot be verified",
+            stacklevel=3,
+        )
         return data
     except (OSError, ValueError) as err:
         raise ValueError(f"checkpoint: {directory / MANIFEST} is damaged ({err})") from None
-    expected = manifest.get("sha256", {}).get(file) if isinstance(manifest, dict) and isinstance(manifest.get("sha256"), dict) else None
+    expected = (
+        manifest.get("sha256", {}).get(file) if isinstance(manifest, dict) and isinstance(manifest.get("sha256"), dict) else None
+    )
     if expected is None:
         raise ValueError(f"checkpoint: {directory / MANIFEST} lists no hash for {file}; the checkpoint is damaged")
     if _sha256(data) != expected:
-        raise ValueError(f"checkpoint: {path} does not match its sha256 in {MANIFEST} (damaged, or replaced after it was "
-                         f"written); use another checkpoint of the run")
+        raise ValueError(
+            f"checkpoint: {path} does not match its sha256 in {MANIFEST} (damaged, or replaced after it was "
+            f"written); use another checkpoint of the run"
+        )
     return data
+
+
+def file_in(path: PathLike, name_in_directory: str) -> str:
+    """``path`` as a str, or the file ``name_in_directory`` inside it when ``path`` is a directory."""
+    path = os.fspath(path)
+    return os.path.join(path, name_in_directory) if os.path.isdir(path) else path
 
 
 def load_data(source: Union[PathLike, io.BytesIO]) -> Any:
@@ -273,8 +307,10 @@ def _torch_data(directory: Path, file: str) -> Any:
     try:
         return load_data(io.BytesIO(data))
     except Exception as err:  # pickle, zip and torch errors: a file that is not plain tensors and containers
-        raise ValueError(f"checkpoint: cannot read {directory / file} as data (weights_only=True): "
-                         f"{' '.join(str(err).split())[:300] or type(err).__name__}") from None
+        raise ValueError(
+            f"checkpoint: cannot read {directory / file} as data (weights_only=True): "
+            f"{' '.join(str(err).split())[:300] or type(err).__name__}"
+        ) from None
 
 
 def read_state(checkpoint: PathLike) -> Dict[str, Any]:
@@ -300,7 +336,7 @@ def read_optimizer_state(checkpoint: PathLike) -> Dict[str, Any]:
 
 def _safetensors_metadata(data: bytes) -> Dict[str, str]:
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     return header.get("__metadata__") or {}
 
 
@@ -329,24 +365,37 @@ def check_compatible(weights: Mapping[str, torch.Tensor], model: torch.nn.Module
     own = model.state_dict()
     missing = sorted(own.keys() - weights.keys())
     unexpected = sorted(weights.keys() - own.keys())
-    reshaped = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                for k in sorted(own.keys() & weights.keys()) if weights[k].shape != own[k].shape]
+    reshaped = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(own.keys() & weights.keys())
+        if weights[k].shape != own[k].shape
+    ]
     if missing or unexpected or reshaped:
-        details = "; ".join(part for part in (
-            f"missing {_short(missing)}" if missing else "",
-            f"unexpected {_short(unexpected)}" if unexpected else "",
-            f"shape mismatch {_short(reshaped)}" if reshaped else "") if part)
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {_short(missing)}" if missing else "",
+                f"unexpected {_short(unexpected)}" if unexpected else "",
+                f"shape mismatch {_short(reshaped)}" if reshaped else "",
+            )
+            if part
+        )
         raise ValueError(f"checkpoint {where} does not fit this model (another preset or shape?): {details}")
 
 
 def check_same_description(found: Mapping, expected: Mapping, where: str) -> None:
     """Raise ValueError naming every key whose value differs between two model descriptions."""
     keys = sorted(set(found) | set(expected))
-    differences = [f"{k}: checkpoint {found.get(k, '<absent>')!r} vs expected {expected.get(k, '<absent>')!r}"
-                   for k in keys if found.get(k, "<absent>") != expected.get(k, "<absent>")]
+    differences = [
+        f"{k}: checkpoint {found.get(k, '<absent>')!r} vs expected {expected.get(k, '<absent>')!r}"
+        for k in keys
+        if found.get(k, "<absent>") != expected.get(k, "<absent>")
+    ]
     if differences:
-        raise ValueError(f"checkpoint {where} was made for another model ({'; '.join(differences)}); "
-                         f"use a new out_dir or the settings it was trained with")
+        raise ValueError(
+            f"checkpoint {where} was made for another model ({'; '.join(differences)}); "
+            f"use a new out_dir or the settings it was trained with"
+        )
 
 
 def _short(items, limit: int = 6) -> str:
@@ -354,8 +403,9 @@ def _short(items, limit: int = 6) -> str:
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def load_checkpoint(path: PathLike, model: torch.nn.Module, ema: bool = True,
-                    description: Optional[Mapping] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: PathLike, model: torch.nn.Module, ema: bool = True, description: Optional[Mapping] = None
+) -> Dict[str, Any]:
     """Load the EMA (default) or raw weights of a checkpoint into ``model`` for sampling.
 
     ``path``: a checkpoint directory, a file in it, or a run's out_dir (its latest checkpoint).

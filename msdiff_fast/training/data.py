@@ -3,6 +3,7 @@
 Images are float32 tensors [C, H, W] in [0, 1] per item and [B, C, H, W] per batch.
 ``SyntheticImages`` is the default data set: it needs no download.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,16 @@ def check_images(x, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor [B, C, H, W] in [0, 1], got {type(x).__name__}")
     if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{name}: expected a 4-D float tensor [B, C, H, W] in [0, 1], "
-                         f"got shape {tuple(x.shape)} dtype {x.dtype}")
+        raise ValueError(
+            f"{name}: expected a 4-D float tensor [B, C, H, W] in [0, 1], got shape {tuple(x.shape)} dtype {x.dtype}"
+        )
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"{name}: expected finite values in [0, 1], found NaN or inf (shape {tuple(x.shape)})")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"{name}: expected values in [0, 1], found range "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}] (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{name}: expected values in [0, 1], found range "
+            f"[{x.min().item():.4g}, {x.max().item():.4g}] (shape {tuple(x.shape)})"
+        )
     return x
 
 
@@ -81,8 +85,10 @@ def _decode(path: Path, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np
                 return _pixels(img, channels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
-    raise ValueError(f"cannot read image {path}: {width}x{height} is {width * height} pixels, more than the limit "
-                     f"of {max_pixels} ({math.isqrt(max_pixels)}^2); downscale or crop it")
+    raise ValueError(
+        f"cannot read image {path}: {width}x{height} is {width * height} pixels, more than the limit "
+        f"of {max_pixels} ({math.isqrt(max_pixels)}^2); downscale or crop it"
+    )
 
 
 def _pixels(img: Image.Image, channels: int) -> np.ndarray:
@@ -100,8 +106,10 @@ def _pixels(img: Image.Image, channels: int) -> np.ndarray:
     if alpha_band is not None:
         alpha = np.array(img.getchannel(alpha_band))
         if (alpha < 255).any():
-            raise ValueError(f"{int((alpha < 255).sum())} of {alpha.size} pixels are transparent; flatten it onto a "
-                             f"background first (msdiff reads opaque images only)")
+            raise ValueError(
+                f"{int((alpha < 255).sum())} of {alpha.size} pixels are transparent; flatten it onto a "
+                f"background first (msdiff reads opaque images only)"
+            )
     pixels = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
@@ -139,8 +147,9 @@ def write_image(path: PathLike, x: torch.Tensor) -> None:
         raise ValueError(f"write_image: expected a path ending in an image extension (.png, .jpg, ...), got {os.fspath(path)!r}")
     x = x.detach().cpu().float()
     if not torch.isfinite(x).all() or x.min() < -1e-4 or x.max() > 1 + 1e-4:
-        raise ValueError(f"write_image: expected finite values in [0, 1], found range "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+        raise ValueError(
+            f"write_image: expected finite values in [0, 1], found range [{x.min().item():.4g}, {x.max().item():.4g}]"
+        )
     pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     pixels = pixels[0] if x.dim() == 3 and x.shape[0] == 1 else pixels
     pixels = pixels.permute(1, 2, 0) if pixels.dim() == 3 else pixels
@@ -149,8 +158,7 @@ def write_image(path: PathLike, x: torch.Tensor) -> None:
     atomic_write(path, lambda handle: image.save(handle, format=image_format))
 
 
-def save_grid(path: PathLike, rows_of_batches, nrow: Optional[int] = None, pad: int = 2,
-              pad_value: float = 1.0) -> None:
+def save_grid(path: PathLike, rows_of_batches, nrow: Optional[int] = None, pad: int = 2, pad_value: float = 1.0) -> None:
     """Write a PNG grid. A list of batches puts each batch on its own row (e.g. condition /
     samples / ground truth); a single batch is laid out ``nrow`` per row (default ~sqrt(B)).
     With ``nrow`` a batch longer than nrow wraps. Grey batches are repeated to RGB and every
@@ -169,13 +177,13 @@ def save_grid(path: PathLike, rows_of_batches, nrow: Optional[int] = None, pad: 
             batch = F.interpolate(batch, size=(height, width), mode="nearest")
         batch = batch.expand(-1, channels, -1, -1) if batch.shape[1] == 1 else batch
         per_row = nrow or batch.shape[0]
-        rows += [list(batch[i:i + per_row]) for i in range(0, batch.shape[0], per_row)]
+        rows += [list(batch[i : i + per_row]) for i in range(0, batch.shape[0], per_row)]
     ncols = max(len(r) for r in rows)
     grid = torch.full((channels, pad + len(rows) * (height + pad), pad + ncols * (width + pad)), pad_value)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             top, left = pad + r * (height + pad), pad + c * (width + pad)
-            grid[:, top:top + height, left:left + width] = image
+            grid[:, top : top + height, left : left + width] = image
     write_image(path, grid)
 
 
@@ -188,8 +196,9 @@ def _list_images(root: PathLike, extensions: Sequence[str], recursive: bool) -> 
     candidates = root.rglob("*") if recursive else root.iterdir()
     files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        raise ValueError(f"no images in {root} (looked for extensions {', '.join(sorted(suffixes))}"
-                         f"{', recursively' if recursive else ''})")
+        raise ValueError(
+            f"no images in {root} (looked for extensions {', '.join(sorted(suffixes))}{', recursively' if recursive else ''})"
+        )
     return files
 
 
@@ -231,7 +240,7 @@ def crop_image(image: torch.Tensor, size: Tuple[int, int], crop: str) -> torch.T
         left = int(torch.randint(0, width - size[1] + 1, ()))
     else:
         top, left = (height - size[0]) // 2, (width - size[1]) // 2
-    return image[:, top:top + size[0], left:left + size[1]]
+    return image[:, top : top + size[0], left : left + size[1]]
 
 
 def _check_crop(size: Size, crop: str, patches_per_image: int) -> Optional[Tuple[int, int]]:
@@ -260,7 +269,9 @@ class ImagePatches(Dataset):
             raise ValueError("images: expected at least one image, got none")
         for i, image in enumerate(images):
             if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.dtype not in (torch.uint8, torch.float32):
-                got = f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
+                got = (
+                    f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
+                )
                 raise ValueError(f"images[{i}]: expected a tensor [C, H, W] of uint8 or float32, got {got}")
         self.images = list(images)
 
@@ -287,9 +298,18 @@ class ImageFolder(Dataset):
     file is decoded once, not once per patch.
     """
 
-    def __init__(self, root: PathLike, size: Size = None, crop: str = "center",
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True, channels: int = 3,
-                 resize: bool = False, patches_per_image: int = 1, cache_mb: float = 2048):
+    def __init__(
+        self,
+        root: PathLike,
+        size: Size = None,
+        crop: str = "center",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        recursive: bool = True,
+        channels: int = 3,
+        resize: bool = False,
+        patches_per_image: int = 1,
+        cache_mb: float = 2048,
+    ):
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
         self.size = _check_crop(size, crop, patches_per_image)
@@ -346,16 +366,25 @@ class PairedFolders(Dataset):
     """(clean, degraded) pairs matched by relative file name without extension; with ``size`` one
     crop at the same place of both (at their own resolution, as ``ImageFolder``)."""
 
-    def __init__(self, clean_root: PathLike, degraded_root: PathLike, size: Size = None, crop: str = "center",
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int = 3):
+    def __init__(
+        self,
+        clean_root: PathLike,
+        degraded_root: PathLike,
+        size: Size = None,
+        crop: str = "center",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        channels: int = 3,
+    ):
         self.clean = ImageFolder(clean_root, None, crop, extensions, True, channels)
         self.degraded = ImageFolder(degraded_root, None, crop, extensions, True, channels)
         self.size, self.crop = _as_hw(size), crop
         clean, degraded = self._by_stem(self.clean), self._by_stem(self.degraded)
         only_clean, only_degraded = sorted(clean.keys() - degraded.keys()), sorted(degraded.keys() - clean.keys())
         if only_clean or only_degraded:
-            raise ValueError(f"unmatched file names: in {clean_root} only {_short(only_clean)}; "
-                             f"in {degraded_root} only {_short(only_degraded)}")
+            raise ValueError(
+                f"unmatched file names: in {clean_root} only {_short(only_clean)}; "
+                f"in {degraded_root} only {_short(only_degraded)}"
+            )
         self.pairs = [(clean[k], degraded[k]) for k in sorted(clean)]
 
     @staticmethod
@@ -375,12 +404,14 @@ class PairedFolders(Dataset):
         clean_path, degraded_path = self.pairs[index]
         clean, degraded = self.clean.load(clean_path), self.degraded.load(degraded_path)
         if clean.size != degraded.size:
-            raise ValueError(f"size mismatch: {clean_path} is {clean.width}x{clean.height}, "
-                             f"{degraded_path} is {degraded.width}x{degraded.height}")
+            raise ValueError(
+                f"size mismatch: {clean_path} is {clean.width}x{clean.height}, "
+                f"{degraded_path} is {degraded.width}x{degraded.height}"
+            )
         clean, degraded = _to_uint8(clean), _to_uint8(degraded)
         if self.size is not None:  # one crop of both stacked, so they stay aligned
             both = crop_image(torch.cat([clean, degraded]), self.size, self.crop)
-            clean, degraded = both[: clean.shape[0]], both[clean.shape[0]:]
+            clean, degraded = both[: clean.shape[0]], both[clean.shape[0] :]
         return clean.float() / 255, degraded.float() / 255
 
 

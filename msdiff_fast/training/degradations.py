@@ -6,6 +6,7 @@ All randomness comes from the given torch.Generator (the global torch RNG when N
 seeded generator reproduces y exactly. ``operator(x)`` is the deterministic forward operator
 A used by ``msdiff_fast.metrics.consistency``; it exists only where the task has one.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,7 @@ class SuperResolution:
             raise ValueError(f"x: expected H and W divisible by factor {self.factor}, got {h}x{w}")
         if self.down == "area":
             return F.avg_pool2d(x, self.factor)
-        small = F.interpolate(x, size=(h // self.factor, w // self.factor), mode="bicubic",
-                              align_corners=False, antialias=True)
+        small = F.interpolate(x, size=(h // self.factor, w // self.factor), mode="bicubic", align_corners=False, antialias=True)
         return small.clamp(0, 1)  # bicubic overshoots at sharp edges
 
     def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -105,8 +105,7 @@ class Inpainting:
             return (~hole).float().reshape(batch, 1, height, width).to(device)
         side = round(math.sqrt(n_hole))
         if side > min(height, width):
-            raise ValueError(f"hole_fraction {self.hole_fraction}: a square hole of side {side} "
-                             f"does not fit in {height}x{width}")
+            raise ValueError(f"hole_fraction {self.hole_fraction}: a square hole of side {side} does not fit in {height}x{width}")
         top = torch.randint(0, height - side + 1, (batch, 1), generator=generator, device=gen_device)
         left = torch.randint(0, width - side + 1, (batch, 1), generator=generator, device=gen_device)
         rows, cols = torch.arange(height, device=gen_device), torch.arange(width, device=gen_device)
@@ -156,12 +155,14 @@ class Edges:
     def edge_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean [B, 1, H, W], True on edge pixels."""
         check_images(x, "x")
-        gray = x.mean(1, keepdim=True) if x.shape[1] != 3 else \
-            (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        gray = (
+            x.mean(1, keepdim=True)
+            if x.shape[1] != 3
+            else (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        )
         if self.sigma > 0:  # separable Gaussian smoothing
             radius = max(1, math.ceil(3 * self.sigma))
-            taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2
-                             / (2 * self.sigma ** 2))
+            taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * self.sigma**2))
             taps = taps / taps.sum()
             gray = F.conv2d(F.pad(gray, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
             gray = F.conv2d(F.pad(gray, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))
@@ -180,7 +181,7 @@ class Edges:
         h, w = magnitude.shape[-2:]
 
         def shifted(dr, dc):  # magnitude of the neighbour at (r + dr, c + dc)
-            return padded_mag[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+            return padded_mag[..., 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w]
 
         keep = torch.zeros_like(magnitude, dtype=torch.bool)
         for s, (dr, dc) in enumerate([(0, 1), (1, 1), (1, 0), (1, -1)]):
@@ -232,7 +233,7 @@ class GaussianBlur:
     def operator(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, "x")
         offsets = torch.arange(self.kernel_size, dtype=torch.float64) - self.kernel_size // 2
-        taps = torch.exp(-offsets ** 2 / (2 * self.sigma ** 2))
+        taps = torch.exp(-(offsets**2) / (2 * self.sigma**2))
         kernel = torch.outer(taps, taps) / taps.sum() ** 2
         return _filter_per_image(x, kernel.expand(x.shape[0], -1, -1).to(x.device)).clamp(0, 1)
 
@@ -312,8 +313,9 @@ class JPEG:
         return (torch.stack(out).permute(0, 3, 1, 2).to(x.dtype) / 255).to(x.device)
 
 
-DEGRADATIONS = {cls.name: cls for cls in
-                (SuperResolution, Inpainting, Edges, GaussianNoise, GaussianBlur, MotionBlur, LowLight, JPEG)}
+DEGRADATIONS = {
+    cls.name: cls for cls in (SuperResolution, Inpainting, Edges, GaussianNoise, GaussianBlur, MotionBlur, LowLight, JPEG)
+}
 
 
 def make_degradation(name: str, **kwargs):

@@ -6,6 +6,7 @@ which it never trains on. Grey photographs are repeated to three channels for co
 artefacts of the originals shrink with it), so whole photographs become small enough to restore
 on a CPU in seconds; the patches are then cut from those at their own resolution.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -14,8 +15,20 @@ import numpy as np
 import torch
 
 # Colour photographs first; the grey ones add texture (bricks, grass, gravel) and structure.
-TRAINING_PHOTOS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-                   "camera", "clock", "coins", "moon", "brick", "grass", "gravel")
+TRAINING_PHOTOS = (
+    "astronaut",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "camera",
+    "clock",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+)
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
 
 
@@ -23,8 +36,10 @@ def _skimage_data():
     try:
         from skimage import data
     except ImportError:
-        raise ImportError("the real photographs come from scikit-image: pip install scikit-image "
-                          "(or msdiff_fast[demo]); `--data synthetic` needs nothing") from None
+        raise ImportError(
+            "the real photographs come from scikit-image: pip install scikit-image "
+            "(or msdiff_fast[demo]); `--data synthetic` needs nothing"
+        ) from None
     return data
 
 

@@ -15,257 +15,41 @@ Reproducibility without hidden state: everything random in step k is a function 
 
 So a resumed run repeats the uninterrupted one bit for bit, and no RNG state is checkpointed.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
 import warnings
-from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..distributed import distributed_env
-from .checkpoint import (PathLike, atomic_write, check_compatible, check_description, check_same_description,
-                         latest_checkpoint, prune_checkpoints, read_optimizer_state, read_state, read_weights, resolve_checkpoint,
-                         save_checkpoint)
-
-AMP_MODES = ("none", "bf16", "fp16")
-LR_SCHEDULES = ("constant", "cosine")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for")
-# Stream tags keep the data, loss-noise, dropout and item streams unrelated for the same (seed, k).
-_DATA_STREAM, _LOSS_STREAM, _DROPOUT_STREAM, _ITEM_STREAM = 1, 2, 3, 4
-# Config fields that only steer bookkeeping: changing them on resume is expected, not worth a warning.
-_BOOKKEEPING = ("steps", "log_every", "preview_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                "device", "num_workers", "progress", "compile", "channels_last", "optimizer_impl")
-
-
-def stream_seed(seed: int, stream: int, *counters: int) -> int:
-    """A well-mixed 63-bit seed for (seed, stream, counters...): neighbours give unrelated streams."""
-    words = np.random.SeedSequence([seed, stream, *counters]).generate_state(1, np.uint64)
-    return int(words[0] >> np.uint64(1))
-
-
-# ---------------------------------------------------------------------------- config
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"TrainConfig.{name}: expected an integer >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"TrainConfig.{name}: expected a finite number in {interval}, got {value!r}")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings (defaults: the paper's Adam 2e-4, warm-up 2500, clip 1, EMA 0.999).
-
-    batch_size is the GLOBAL batch: under DDP each of the world processes takes batch_size / world.
-    warmup: the learning rate of step k (0-based) is lr * min(1, (k + 1) / warmup); 0 disables it.
-    lr_schedule: after the warm-up, "constant" keeps lr; "cosine" decays it to 0 at ``steps``
-    along half a cosine (so a resumed run that raises ``steps`` changes the schedule from there).
-    grad_clip: max global grad norm, None disables clipping.
-    ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) for the n-th update (score_sde's EMA), so
-    short runs are not dominated by the initial weights; False uses ema_decay from the start.
-    amp: "none" (fp32), "bf16" (autocast; CPU or GPU), "fp16" (autocast + GradScaler; GPU only).
-    Throughput switches (the same training up to float rounding, except that dropout draws other
-    masks from the same per-step seed; a resumed run still repeats the uninterrupted one bit for
-    bit): compile: torch.compile the network's forward and backward (the first step compiles,
-    minutes on a CPU for the paper U-Net; dropout masks come from Inductor's generator);
-    channels_last: the network's weights, and so its activations, in channels-last memory format
-    (dropout masks are drawn in memory order);
-    optimizer_impl: Adam's implementation: "fused" (fused kernels, CPU and CUDA), "foreach"
-    (multi-tensor kernels, CUDA; a per-tensor fallback on a CPU), "for" (one tensor at a time) or
-    "auto" (fused on CPU and CUDA, torch's choice elsewhere).
-    log_every / preview_every / checkpoint_every count optimizer steps; 0 turns previews or
-    periodic checkpoints off (a checkpoint is always written at the end).
-    keep_checkpoints: how many newest checkpoints to keep (0 keeps all).
-    device: "auto" (cuda when available, then cuda:LOCAL_RANK under DDP), "cpu", "cuda", "cuda:N".
-    """
-
-    steps: int
-    batch_size: int
-    lr: float = 2e-4
-    betas: Tuple[float, float] = (0.9, 0.999)
-    warmup: int = 2500
-    lr_schedule: str = "constant"
-    grad_clip: Optional[float] = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    amp: str = "none"
-    compile: bool = False
-    channels_last: bool = False
-    optimizer_impl: str = "auto"
-    seed: int = 0
-    log_every: int = 100
-    preview_every: int = 0
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    out_dir: str = "runs/train"
-    device: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        _check_int("steps", self.steps, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_real("lr", self.lr, 0.0, math.inf, True, True)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
-        for beta in self.betas:
-            _check_real("betas", beta, 0.0, 1.0, False, True)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        _check_int("warmup", self.warmup, 0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TrainConfig.lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.grad_clip is not None:
-            _check_real("grad_clip", self.grad_clip, 0.0, math.inf, True, True)
-        _check_real("ema_decay", self.ema_decay, 0.0, 1.0, False, True)
-        if not isinstance(self.ema_warmup, bool):
-            raise ValueError(f"TrainConfig.ema_warmup: expected a bool, got {self.ema_warmup!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp: expected one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("compile", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            raise ValueError(f"TrainConfig.optimizer_impl: expected one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}")
-        _check_int("seed", self.seed, 0)
-        _check_int("log_every", self.log_every, 1)
-        _check_int("preview_every", self.preview_every, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 0)
-        _check_int("keep_checkpoints", self.keep_checkpoints, 0)
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
-            raise ValueError(f"TrainConfig.out_dir: expected a non-empty path, got {self.out_dir!r}")
-        self.out_dir = str(self.out_dir)  # plain types only: the config is stored in checkpoints
-        if not isinstance(self.device, str):
-            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        try:
-            torch.device("cpu" if self.device == "auto" else self.device)
-        except RuntimeError as err:
-            raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
-                             f"got {self.device!r}") from err
-        if self.amp == "fp16" and self.device == "cpu":
-            raise ValueError("TrainConfig.amp: 'fp16' needs a GPU (GradScaler); on the CPU use 'bf16' or 'none'")
-        _check_int("num_workers", self.num_workers, 0)
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"TrainConfig.progress: expected a bool, got {self.progress!r}")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps,
-        then constant or a cosine decay to 0 at ``steps``."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.lr_schedule == "constant":
-            return self.lr
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    def ema_decay_at(self, step: int) -> float:
-        """EMA decay used after 0-based step ``step`` (its update number is step + 1)."""
-        updates = step + 1
-        return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
-
-
-def make_adam(parameters, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam with ``config``'s learning rate at step 0, betas and implementation on ``device``."""
-    impl = config.optimizer_impl
-    if impl == "auto":
-        # torch picks foreach on CUDA and for on a CPU; its fused kernels are faster on both
-        impl = "fused" if device.type in ("cpu", "cuda") else None
-    return torch.optim.Adam(parameters, lr=config.lr_at(0), betas=config.betas, eps=1e-8, fused=impl == "fused" or None,
-                            foreach={"foreach": True, "for": False}.get(impl))
-
-
-# ---------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=4)
-def _epoch_order(dataset_size: int, seed: int, epoch: int) -> Tuple[int, ...]:
-    generator = torch.Generator().manual_seed(stream_seed(seed, _DATA_STREAM, epoch))
-    return tuple(torch.randperm(dataset_size, generator=generator).tolist())
-
-
-def batch_positions(step: int, batch_size: int, dataset_size: int, seed: int,
-                    rank: int = 0, world_size: int = 1) -> List[Tuple[int, int]]:
-    """(index, epoch) of every item that ``rank`` uses at 0-based ``step`` (see module docstring)."""
-    for name, value, minimum in (("step", step, 0), ("batch_size", batch_size, 1), ("dataset_size", dataset_size, 1),
-                                 ("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-            raise ValueError(f"batch_positions: {name} must be an integer >= {minimum}, got {value!r}")
-    if rank >= world_size or batch_size % world_size:
-        raise ValueError(f"batch_positions: expected rank < world_size and batch_size a multiple of world_size, "
-                         f"got rank {rank}, world_size {world_size}, batch_size {batch_size}")
-    local = batch_size // world_size
-    start = step * batch_size + rank * local
-    return [(_epoch_order(dataset_size, seed, position // dataset_size)[position % dataset_size],
-             position // dataset_size) for position in range(start, start + local)]
-
-
-class _StepBatches(Sampler):
-    """Yields, for steps start..stop-1, this rank's list of (index, epoch) item positions."""
-
-    def __init__(self, start: int, stop: int, batch_size: int, dataset_size: int, seed: int,
-                 rank: int, world_size: int):
-        self.start, self.stop = start, stop
-        self.arguments = (batch_size, dataset_size, seed, rank, world_size)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield batch_positions(step, *self.arguments)
-
-
-class _PositionedItems(Dataset):
-    """Fetches dataset[index] for an (index, epoch) position, reproducibly in any worker."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, position: Tuple[int, int]):
-        index, epoch = position
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(self.seed, _ITEM_STREAM, index, epoch))
-            return self.dataset[index]
-
-
-def _check_item(item, index) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2 or not all(
-            isinstance(part, torch.Tensor) and part.is_floating_point() for part in item):
-        found = type(item).__name__ if not isinstance(item, (tuple, list)) else \
-            f"{type(item).__name__} of {[type(p).__name__ for p in item]}"
-        raise TypeError(f"dataset[{index}]: expected a pair (x, y) of float tensors [C, H, W] "
-                        f"(e.g. ConditionalPairs items), got {found}")
-    return item[0], item[1]
-
-
-def _collate(items) -> Tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_check_item(item, i) for i, item in enumerate(items)]
-    try:
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    except RuntimeError as err:
-        shapes = sorted({(tuple(p[0].shape), tuple(p[1].shape)) for p in pairs})
-        raise ValueError(f"dataset: items of one batch must share their shapes, found (x, y) shapes {shapes}") from err
+from .batches import DROPOUT_STREAM, LOSS_STREAM, PositionedItems, StepBatches, check_item, collate, stream_seed
+from .checkpoint import (
+    PathLike,
+    atomic_write,
+    check_compatible,
+    check_description,
+    check_same_description,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_optimizer_state,
+    read_state,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import BOOKKEEPING_FIELDS, TrainConfig, make_adam
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -310,24 +94,32 @@ class Trainer:
     trainer as a context manager) to tear down a process group it created.
     """
 
-    def __init__(self, model: torch.nn.Module, estimator, dataset: Dataset, config: TrainConfig,
-                 preview: Optional[Callable[[Trainer, int], None]] = None,
-                 description: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        estimator,
+        dataset: Dataset,
+        config: TrainConfig,
+        preview: Optional[Callable[[Trainer, int], None]] = None,
+        description: Optional[Mapping[str, Any]] = None,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        missing = [name for name in ("loss", "on_step", "state_dict", "load_state_dict")
-                   if not callable(getattr(estimator, name, None))]
+        missing = [
+            name for name in ("loss", "on_step", "state_dict", "load_state_dict") if not callable(getattr(estimator, name, None))
+        ]
         if missing or not isinstance(getattr(estimator, "name", None), str):
-            raise TypeError(f"estimator: expected an object with loss, on_step, state_dict, load_state_dict "
-                            f"and a str name (e.g. msdiff_fast.estimators.CMDE), got {type(estimator).__name__} "
-                            f"lacking {missing or ['name']}")
+            raise TypeError(
+                f"estimator: expected an object with loss, on_step, state_dict, load_state_dict "
+                f"and a str name (e.g. msdiff_fast.estimators.CMDE), got {type(estimator).__name__} "
+                f"lacking {missing or ['name']}"
+            )
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         if preview is not None and not callable(preview):
             raise TypeError(f"preview: expected a callable preview(trainer, step) or None, got {type(preview).__name__}")
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"dataset: expected a map-style data set with __len__ and __getitem__, "
-                            f"got {type(dataset).__name__}")
+            raise TypeError(f"dataset: expected a map-style data set with __len__ and __getitem__, got {type(dataset).__name__}")
         if len(dataset) == 0:
             raise ValueError("dataset: expected at least one item, got an empty data set")
         self.description = check_description(description)
@@ -335,14 +127,16 @@ class Trainer:
 
         self.rank, self.local_rank, self.world_size = distributed_env()
         if config.batch_size % self.world_size:
-            raise ValueError(f"TrainConfig.batch_size: expected a multiple of the world size {self.world_size}, "
-                             f"got {config.batch_size}")
+            raise ValueError(
+                f"TrainConfig.batch_size: expected a multiple of the world size {self.world_size}, got {config.batch_size}"
+            )
         self.device = _resolve_device(config.device, self.local_rank, self.world_size)
         if config.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"TrainConfig.amp: 'fp16' needs a CUDA device, the trainer runs on {self.device}; "
-                             f"use 'bf16' or 'none'")
+            raise ValueError(
+                f"TrainConfig.amp: 'fp16' needs a CUDA device, the trainer runs on {self.device}; use 'bf16' or 'none'"
+            )
         with torch.random.fork_rng(devices=[]):
-            _check_item(_PositionedItems(dataset, config.seed)[(0, 0)], 0)
+            check_item(PositionedItems(dataset, config.seed)[(0, 0)], 0)
 
         self._owns_process_group = False
         if self.world_size > 1 and not dist.is_initialized():
@@ -353,8 +147,11 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.network = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                else None) if self.world_size > 1 else self.model)
+        self.network = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world_size > 1
+            else self.model
+        )
         if config.compile:
             self.network = torch.compile(self.network)
         # Copied after the DDP wrap, which broadcast rank 0's weights, so every rank's EMA agrees.
@@ -385,11 +182,21 @@ class Trainer:
             if not all(torch.isfinite(p).all() for p in module.parameters()):
                 raise FloatingPointError(f"refusing to checkpoint step {self.step}: the {name} weights hold NaN/inf")
         path = save_checkpoint(
-            self.checkpoint_dir, self.step, self.model, self.ema,
+            self.checkpoint_dir,
+            self.step,
+            self.model,
+            self.ema,
             {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
-            {"estimator": self.estimator.state_dict(), "config": dataclasses.asdict(self.config),
-             "seconds": self.seconds, "world_size": self.world_size, "torch_version": str(torch.__version__)},
-            self.description, self.estimator.name)
+            {
+                "estimator": self.estimator.state_dict(),
+                "config": dataclasses.asdict(self.config),
+                "seconds": self.seconds,
+                "world_size": self.world_size,
+                "torch_version": str(torch.__version__),
+            },
+            self.description,
+            self.estimator.name,
+        )
         prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
@@ -401,8 +208,10 @@ class Trainer:
         state = read_state(directory)
         check_same_description(state["description"], self.description, where)
         if state["estimator_name"] != self.estimator.name:
-            raise ValueError(f"checkpoint {where} was trained with estimator {state['estimator_name']!r}, "
-                             f"this trainer uses {self.estimator.name!r}")
+            raise ValueError(
+                f"checkpoint {where} was trained with estimator {state['estimator_name']!r}, "
+                f"this trainer uses {self.estimator.name!r}"
+            )
         weights = read_weights(directory, ema=False, description=self.description)
         ema_weights = read_weights(directory, ema=True, description=self.description)
         check_compatible(weights, self.model, where)
@@ -412,11 +221,17 @@ class Trainer:
         own_groups = self.optimizer.param_groups
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
             raise ValueError(f"checkpoint {where}: optimizer parameter groups do not match this model")
-        changed = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
-                   if k not in _BOOKKEEPING and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)}
+        changed = {
+            k: (v, getattr(self.config, k))
+            for k, v in state["config"].items()
+            if k not in BOOKKEEPING_FIELDS and hasattr(self.config, k) and _plain(getattr(self.config, k)) != _plain(v)
+        }
         if changed and self.is_main:
-            warnings.warn(f"resuming {where} with changed settings (checkpoint -> now): "
-                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
+            warnings.warn(
+                f"resuming {where} with changed settings (checkpoint -> now): "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+                stacklevel=3,
+            )
         self.model.load_state_dict(weights)
         self.ema.load_state_dict(ema_weights)
         self.optimizer.load_state_dict(optimizer_state["optimizer"])
@@ -429,8 +244,10 @@ class Trainer:
         existing = latest_checkpoint(self.checkpoint_dir)
         if resume is False:
             if existing is not None:
-                raise ValueError(f"resume: {self.out_dir} already holds checkpoints ({existing.name}); pass "
-                                 f"resume=True to continue that run or choose another out_dir")
+                raise ValueError(
+                    f"resume: {self.out_dir} already holds checkpoints ({existing.name}); pass "
+                    f"resume=True to continue that run or choose another out_dir"
+                )
             return None
         if resume is True:
             if existing is None:
@@ -467,18 +284,27 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        generator = torch.Generator().manual_seed(stream_seed(config.seed, _LOSS_STREAM, step))
+        generator = torch.Generator().manual_seed(stream_seed(config.seed, LOSS_STREAM, step))
         on_cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if on_cuda else [], device_type="cuda"):
-            torch.manual_seed(stream_seed(config.seed, _DROPOUT_STREAM, step, self.rank))
-            with torch.autocast(self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16,
-                                enabled=config.amp != "none"):
-                loss = self.estimator.loss(self.network, x0, y0, generator=generator, step=step,
-                                           offset_samples=self.rank * self.local_batch,
-                                           global_batch=config.batch_size)
+            torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, step, self.rank))
+            with torch.autocast(
+                self.device.type, dtype=torch.float16 if config.amp == "fp16" else torch.bfloat16, enabled=config.amp != "none"
+            ):
+                loss = self.estimator.loss(
+                    self.network,
+                    x0,
+                    y0,
+                    generator=generator,
+                    step=step,
+                    offset_samples=self.rank * self.local_batch,
+                    global_batch=config.batch_size,
+                )
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-            raise TypeError(f"estimator.loss: expected a scalar tensor that requires grad, got "
-                            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+            raise TypeError(
+                f"estimator.loss: expected a scalar tensor that requires grad, got "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+            )
         self.scaler.scale(loss).backward()
         grad_norm = None
         if config.grad_clip is not None:
@@ -503,11 +329,15 @@ class Trainer:
 
     def _loader(self, start: int) -> DataLoader:
         config = self.config
-        sampler = _StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed,
-                               self.rank, self.world_size)
-        return DataLoader(_PositionedItems(self.dataset, config.seed), batch_sampler=sampler, collate_fn=_collate,
-                          num_workers=config.num_workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        sampler = StepBatches(start, config.steps, config.batch_size, len(self.dataset), config.seed, self.rank, self.world_size)
+        return DataLoader(
+            PositionedItems(self.dataset, config.seed),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def fit(self, resume: Union[bool, str, PathLike] = False) -> Trainer:
         """Train up to ``config.steps`` optimizer steps; return self.
@@ -529,14 +359,20 @@ class Trainer:
         window_finite = torch.zeros((), device=self.device)
         window_steps, window_seconds = 0, 0.0
         grad_norm = None
-        progress = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=not (config.progress and self.is_main))
+        progress = tqdm(
+            total=config.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (config.progress and self.is_main),
+        )
         try:
             tick = time.perf_counter()
             for x0, y0 in self._loader(self.step):
                 step = self.step
-                loss, grad_norm = self._train_step(step, x0.to(self.device, non_blocking=True),
-                                                   y0.to(self.device, non_blocking=True))
+                loss, grad_norm = self._train_step(
+                    step, x0.to(self.device, non_blocking=True), y0.to(self.device, non_blocking=True)
+                )
                 finite = torch.isfinite(loss)
                 window_loss += torch.where(finite, loss, torch.zeros_like(loss))
                 window_finite += finite.float()
@@ -544,8 +380,9 @@ class Trainer:
                 self.step = step + 1
                 progress.update(1)
                 logging = self.step % config.log_every == 0 or self.step == config.steps
-                checkpointing = (config.checkpoint_every and self.step % config.checkpoint_every == 0) \
-                    or self.step == config.steps
+                checkpointing = (
+                    config.checkpoint_every and self.step % config.checkpoint_every == 0
+                ) or self.step == config.steps
                 if logging or checkpointing:
                     totals = self._check_finite(window_loss, window_finite, window_steps)
                 # Wall time of training proper (data included, previews and checkpoints not); on a
@@ -558,8 +395,7 @@ class Trainer:
                     window_loss.zero_()
                     window_finite.zero_()
                     window_steps, window_seconds = 0, 0.0
-                if self.preview is not None and config.preview_every and self.step % config.preview_every == 0 \
-                        and self.is_main:
+                if self.preview is not None and config.preview_every and self.step % config.preview_every == 0 and self.is_main:
                     self.preview(self, self.step)
                     self.model.train()
                     self.ema.eval()
@@ -572,8 +408,7 @@ class Trainer:
             self.save()  # resumed at or past the target: still leave a checkpoint behind
         return self
 
-    def _check_finite(self, window_loss: torch.Tensor, window_finite: torch.Tensor,
-                      window_steps: int) -> Tuple[float, float]:
+    def _check_finite(self, window_loss: torch.Tensor, window_finite: torch.Tensor, window_steps: int) -> Tuple[float, float]:
         """(sum of finite losses, number of finite losses) of the window over all ranks. Raises on
         NaN/inf losses (under fp16 only when every step overflowed: the GradScaler skips those)."""
         totals = torch.stack([window_loss, window_finite])
@@ -585,19 +420,31 @@ class Trainer:
             raise FloatingPointError(
                 f"loss was NaN/inf in {expected - finite_count:.0f} of the last {window_steps} steps (at or "
                 f"before step {self.step}): training diverged; lower lr, keep grad_clip, or use amp='none'; "
-                f"the last good checkpoint is {latest_checkpoint(self.checkpoint_dir)}")
+                f"the last good checkpoint is {latest_checkpoint(self.checkpoint_dir)}"
+            )
         return loss_sum, finite_count
 
-    def _log(self, step: int, totals: Tuple[float, float], window_steps: int, window_seconds: float,
-             grad_norm: Optional[torch.Tensor], progress) -> None:
+    def _log(
+        self,
+        step: int,
+        totals: Tuple[float, float],
+        window_steps: int,
+        window_seconds: float,
+        grad_norm: Optional[torch.Tensor],
+        progress,
+    ) -> None:
         loss_sum, finite_count = totals
         clipped_norm = self._grad_norm_now()
-        record = {"step": self.step, "loss": loss_sum / max(finite_count, 1), "lr": self.config.lr_at(step),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else clipped_norm,
-                  "grad_norm_clipped": clipped_norm,
-                  "nonfinite_steps": int(window_steps * self.world_size - finite_count),
-                  "samples_per_second": window_steps * self.config.batch_size / max(window_seconds, 1e-9),
-                  "seconds": self.seconds}
+        record = {
+            "step": self.step,
+            "loss": loss_sum / max(finite_count, 1),
+            "lr": self.config.lr_at(step),
+            "grad_norm": float(grad_norm) if grad_norm is not None else clipped_norm,
+            "grad_norm_clipped": clipped_norm,
+            "nonfinite_steps": int(window_steps * self.world_size - finite_count),
+            "samples_per_second": window_steps * self.config.batch_size / max(window_seconds, 1e-9),
+            "seconds": self.seconds,
+        }
         record.update({k: v for k, v in _scalars(self.estimator.state_dict()).items() if k not in record})
         self.last_metrics = record
         if self.is_main:
@@ -621,9 +468,17 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def train(model: torch.nn.Module, estimator, dataset: Dataset, config: Optional[TrainConfig] = None, *,
-          preview: Optional[Callable[[Trainer, int], None]] = None, description: Optional[Mapping[str, Any]] = None,
-          resume: Union[bool, str, PathLike] = False, **settings) -> Trainer:
+def train(
+    model: torch.nn.Module,
+    estimator,
+    dataset: Dataset,
+    config: Optional[TrainConfig] = None,
+    *,
+    preview: Optional[Callable[[Trainer, int], None]] = None,
+    description: Optional[Mapping[str, Any]] = None,
+    resume: Union[bool, str, PathLike] = False,
+    **settings,
+) -> Trainer:
     """Build a Trainer (``settings`` override fields of ``config``, or build one), fit, close it."""
     if config is None:
         config = TrainConfig(**settings)

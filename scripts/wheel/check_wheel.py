@@ -60,7 +60,9 @@ def check(wheel: Path, expect_cuda_module: bool) -> list:
                 problems.append(f"modules: expected msdiff_fast/{module_name}.*.so, got {[Path(m).name for m in modules]}")
         for module in modules:
             if (abi_tag == "abi3") != module.endswith(".abi3.so"):
-                problems.append(f"{module}: a {'abi3' if module.endswith('.abi3.so') else 'version-specific'} module in a wheel tagged {abi_tag}")
+                problems.append(
+                    f"{module}: a {'abi3' if module.endswith('.abi3.so') else 'version-specific'} module in a wheel tagged {abi_tag}"
+                )
             path = Path(archive.extract(module, unpacked))
             missing = unversioned_symbols(path)
             if missing:

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "common.h"
 #include "philox.h"
@@ -18,6 +19,18 @@ namespace msdiff {
 constexpr int kMaxTerms = 8;
 
 enum class Storage : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Calls body(T{}) with the element type T that `storage` names: how the CPU loops and the CUDA
+// launchers choose their instantiation. The bindings pass only these three; anything else throws.
+template <class Body>
+void for_storage(Storage storage, const Body& body) {
+  switch (storage) {
+    case Storage::f32: return body(float{});
+    case Storage::f16: return body(half_t{});
+    case Storage::bf16: return body(bf16_t{});
+  }
+  throw std::invalid_argument("msdiff_fast: unknown storage type");
+}
 
 // ------------------------------------------------------------------------------ arguments
 
