@@ -99,7 +99,6 @@ def thumbnail_data(model, settings: DemoSettings):
 
 def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     from msdiff_fast.models import unet_preset
-    from msdiff_fast.training.config import TrainConfig
     from msdiff_fast.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -113,21 +112,7 @@ def run_variant(variant: Variant, settings: DemoSettings) -> dict:
     estimator = spec.build_estimator()
     data = thumbnail_data(model, settings) if variant.thumbnails else training_data(model, settings)
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
-            steps=settings.train_steps,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            warmup=settings.warmup,
-            lr_schedule=variant.lr_schedule,
-            ema_decay=0.999,
-            amp=variant.amp,
-            seed=settings.seed,
-            log_every=settings.train_steps,
-            checkpoint_every=0,
-            out_dir=out,
-            device="cpu",
-            progress=False,
-        )
+        config = settings.train_config(lr_schedule=variant.lr_schedule, amp=variant.amp, out_dir=out, device="cpu")
         trainer = Trainer(network, estimator, data, config)
         trainer.fit()
     trained = {"network": trainer.ema if variant.ema else trainer.model.eval(), "estimator": trainer.estimator}

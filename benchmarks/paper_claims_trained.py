@@ -81,7 +81,6 @@ def held_out_crops(settings: DemoSettings, per_image: int) -> torch.Tensor:
 def train_and_score(estimator: str, seed: int, settings: DemoSettings, crops: torch.Tensor, pc_nfe: int, mr_nfe: int) -> Dict:
     """Train one estimator with one seed (a worker's job, one thread) and score both samplers on ``crops``."""
     from msdiff_fast.training import ConditionalPairs
-    from msdiff_fast.training.config import TrainConfig
     from msdiff_fast.training.data import ImagePatches
     from msdiff_fast.training.photos import TRAINING_PHOTOS, load_photos
     from msdiff_fast.training.trainer import Trainer
@@ -93,19 +92,7 @@ def train_and_score(estimator: str, seed: int, settings: DemoSettings, crops: to
         ImagePatches(list(photos.values()), settings.image_size, "random", patches_per_image=64), spec.degradation(), seed=seed
     )
     with tempfile.TemporaryDirectory() as run_dir:  # the trainer's final checkpoint is not kept
-        config = TrainConfig(
-            steps=settings.train_steps,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            warmup=settings.warmup,
-            ema_decay=0.999,
-            amp=settings.amp,
-            seed=seed,
-            log_every=settings.train_steps,
-            checkpoint_every=0,
-            out_dir=run_dir,
-            progress=False,
-        )
+        config = settings.train_config(seed=seed, out_dir=run_dir)
         trainer = Trainer(spec.network(seed=seed), spec.build_estimator(), dataset, config, description=spec.description())
         try:
             trainer.fit()

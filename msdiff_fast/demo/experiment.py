@@ -12,7 +12,6 @@ from ..metrics import image_metrics
 from ..restoration import SamplerSpec, restore_images
 from ..training import ConditionalPairs, SyntheticImages, make_degradation
 from ..training.checkpoint import latest_checkpoint
-from ..training.config import TrainConfig
 from ..training.data import ImagePatches
 from ..training.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS, load_photos
 from ..training.tasks import consistency_operator
@@ -86,20 +85,11 @@ def train_model(model: DemoModel, settings: DemoSettings, out: Path, device: tor
     network = spec.network(seed=settings.seed)
     estimator = spec.build_estimator()
     every = max(1, settings.train_steps // 50)
-    config = TrainConfig(
-        steps=settings.train_steps,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        warmup=settings.warmup,
-        ema_decay=0.999,
-        amp=settings.amp,
-        seed=settings.seed,
+    config = settings.train_config(
         log_every=max(1, min(50, settings.train_steps)),
-        checkpoint_every=0,
         keep_checkpoints=1,
         out_dir=str(run_dir),
         device=str(device),
-        progress=False,
         preview_every=every,
     )
     trainer = Trainer(

@@ -82,6 +82,25 @@ class DemoSettings:
             posterior_nfe=5,
         )
 
+    def train_config(self, **changes):
+        """The demo's training recipe as a ``TrainConfig`` (Adam with warm-up, EMA 0.999, the
+        settings' precision and seed, no intermediate checkpoints); ``changes`` override fields."""
+        from ..training.config import TrainConfig
+
+        recipe = dict(
+            steps=self.train_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup=self.warmup,
+            ema_decay=0.999,
+            amp=self.amp,
+            seed=self.seed,
+            log_every=self.train_steps,
+            checkpoint_every=0,
+            progress=False,
+        )
+        return TrainConfig(**{**recipe, **changes})
+
     def replace(self, **changes) -> "DemoSettings":
         settings = dataclasses.replace(self, **changes)
         settings.check()
