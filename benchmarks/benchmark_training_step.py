@@ -84,13 +84,19 @@ class LossOnly(torch.nn.Module):
 
 
 def configurations(device: str, quick: bool):
-    """(network, image size, batch) rows; each is run with every provider."""
+    """(network, image size, batch, timed steps) rows; each is run with every provider. Short steps get more
+    timed steps, so that every row's median is over a few seconds of steps."""
     if quick:
-        return [("tiny", 16, 4), (PAPER, 160, 1), ("loss-only", 160, 2)]
-    rows = [("tiny", 32, 8), (PAPER, 160, 2), ("loss-only", 160, 2), ("loss-only", 160, 16)]
+        return [("tiny", 16, 4, 5), (PAPER, 160, 1, 2), ("loss-only", 160, 2, 10)]
     if device == "cuda":
-        rows = [("tiny", 32, 16), (PAPER, 160, 2), (PAPER, 160, 16), ("loss-only", 160, 16), ("loss-only", 160, 64)]
-    return rows
+        return [
+            ("tiny", 32, 16, 50),
+            (PAPER, 160, 2, 20),
+            (PAPER, 160, 16, 10),
+            ("loss-only", 160, 16, 50),
+            ("loss-only", 160, 64, 20),
+        ]
+    return [("tiny", 32, 8, 30), (PAPER, 160, 2, 5), ("loss-only", 160, 2, 50), ("loss-only", 160, 16, 50)]
 
 
 def build_model(network: str, size: int, device: str):
@@ -241,13 +247,13 @@ def write_results(rows, device: str, threads: int, command: str, load_at_start: 
             "",
             "Median of the timed steps after warm-up; speed-up: eager ms / provider ms at the same network and batch.",
             "",
-            f"| network | size | batch | params | provider | ms per step | steps/s | speed-up vs eager | first step (s) | {memory} |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| network | size | batch | params | provider | timed steps | ms per step | steps/s | speed-up vs eager | first step (s) | {memory} |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     )
     for row in rows:
         lines.append(
-            f"| {row['network']} | {row['size']} | {row['batch']} | {row['parameters'] / 1e6:.2f}M | {row['provider']} | {row['ms_median']:.1f} | "
+            f"| {row['network']} | {row['size']} | {row['batch']} | {row['parameters'] / 1e6:.2f}M | {row['provider']} | {row['steps']} | {row['ms_median']:.1f} | "
             f"{row['steps_per_second']:.2f} | {row['speedup_vs_eager']:.2f} | {row['first_step_s']:.1f} | {row['peak_mib']:.0f} |"
         )
     (results / f"training_step_{device}.md").write_text("\n".join(lines) + "\n")
@@ -257,7 +263,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer steps")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5, quick 2)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per configuration (default: 5-50 by the step's length)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 2, quick 1)")
     parser.add_argument(
         "--threads",
@@ -273,10 +281,9 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
-    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
-    if steps < 1 or warmup < 1 or args.threads < 0:
-        parser.error(f"--steps and --warmup must be >= 1, --threads >= 0, got {steps}, {warmup}, {args.threads}")
+    if (args.steps is not None and args.steps < 1) or warmup < 1 or args.threads < 0:
+        parser.error(f"--steps and --warmup must be >= 1, --threads >= 0, got {args.steps}, {warmup}, {args.threads}")
     from tqdm.auto import tqdm
 
     jobs = [
@@ -286,11 +293,11 @@ def main() -> None:
             "size": size,
             "batch": batch,
             "provider": provider,
-            "steps": steps,
+            "steps": args.steps or steps,
             "warmup": warmup,
             "threads": args.threads,
         }
-        for network, size, batch in configurations(args.device, args.quick)
+        for network, size, batch, steps in configurations(args.device, args.quick)
         for provider in args.providers
         if network != "loss-only" or provider in LOSS_ONLY_PROVIDERS
     ]

@@ -47,7 +47,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -383,19 +383,23 @@ def official_rows(args, preset: str, device: torch.device):
     return results, reference.revision(args.mr_sampler_dir)
 
 
-def profile_fast_path(args, mr_net, mu, device) -> str:
-    """Where the time of one MR Sampler run (NFE 10, static loop, FastNetwork defaults) goes: torch.profiler's
-    operators by self time."""
+def profile_fast_path(args, mr_net, mu, device) -> List[Tuple[str, str]]:
+    """Where the time of one MR Sampler run (NFE 10, static loop) goes, with the FastNetwork defaults and, with
+    --compile, compiled: (label, torch.profiler's operators by self time) per variant."""
     sampler = MRSampler(MRSDE(50 / 255, "cosine", 0.005), 10, solver="sde", loop="graph" if device.type == "cuda" else "static")
-    net = FastNetwork(copy.deepcopy(mr_net))
-    run = lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1))  # noqa: E731
-    run()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as profile:
-        run()
-        synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profile.key_averages().table(sort_by=key, row_limit=20)
+    variants = [("FastNetwork defaults", {})] + ([("FastNetwork + compile", {"compile": True})] if args.compile else [])
+    tables = []
+    for label, switches in variants:
+        net = FastNetwork(copy.deepcopy(mr_net), **switches)
+        run = lambda: sampler.sample(mr_network(net), mu, generator=torch.Generator(device).manual_seed(1))  # noqa: E731
+        run()
+        with torch.profiler.profile(activities=activities) as profile:
+            run()
+            synchronize(device)
+        tables.append((label, profile.key_averages().table(sort_by=key, row_limit=20)))
+    return tables
 
 
 def graph_network_time(args, rows, networks, device):
@@ -417,7 +421,7 @@ def report(args, device, per_preset, seconds):
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} CPU threads, device {device}{gpu}; torch {torch.__version__}.",
         f"Date: {datetime.date.today().isoformat()}. Wall time of the benchmark {seconds:.0f} s; load average at the end {os.getloadavg()[0]:.2f}.",
-        "Command: `python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) + "`",
+        f"Command: `{command_line(args)}`",
         "",
         f"Batch {args.batch} (official section: batches {', '.join(map(str, args.official_batches))}), float32 unless a row says otherwise, "
         f"randomly initialised networks, best of {args.repeats} timed runs after a warm-up (one run above 200 NFE). "
@@ -488,12 +492,12 @@ def report(args, device, per_preset, seconds):
                         f"| {batch} | {label} | {first_text} | {wall:.3f} | {wall / batch:.3f} | {ratio:.2f}x | {difference:.1e} | {psnr:.1f} |"
                     )
             lines.append("")
-        if profile is not None:
+        for label, table in profile or []:
             lines += [
-                "Profile of one fast-path run (NFE 10, static loop, FastNetwork defaults), operators by self time:",
+                f"Profile of one fast-path run (NFE 10, static loop, {label}), operators by self time:",
                 "",
                 "```",
-                profile,
+                table,
                 "```",
                 "",
             ]
@@ -501,6 +505,14 @@ def report(args, device, per_preset, seconds):
     out = args.out_dir / f"end_to_end_{device.type}.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run, the official code's checkout named where it came from the environment."""
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    if "official" in args.sections and "--mr-sampler-dir" not in sys.argv:
+        command = "MR_SAMPLER_DIR=<checkout of grrrute/mr-sampler> " + command
+    return command
 
 
 def parse_args():
