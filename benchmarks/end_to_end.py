@@ -26,7 +26,8 @@ exact denoiser of Gaussian data N(0.4, 0.2^2) in place of the network, error = p
 fast: the MR Sampler rows again with MRSampler(loop="static") (coefficients precomputed on the
 device, no host synchronisation; on a GPU loop="graph": the whole loop, network included, captured
 once as a CUDA graph and replayed) and the fast network path (models.FastNetwork: channels-last
-and inference mode by default, then + bfloat16 autocast and + torch.compile), each against
+and inference mode by default, then + bfloat16 autocast and, with --compile, + torch.compile and
+MRSampler(loop="compile"), the loop compiled with the network inside), each against
 MRSampler.sample with the plain float32 network: wall time, speed-up and the output's difference
 (max |difference| and PSNR against the eager output, same generator seed).
 
@@ -37,6 +38,9 @@ data prediction on the official "linspace" grid of the IR-SDE cosine schedule (m
 100; the official code's thetabar convention), the same x_T and the same Gaussian noise (the
 official code's torch.randn_like calls return the normals msdiff's counter-based stream draws),
 for each preset at each --official-batches; wall time, official / row, output agreement.
+
+--profile: torch.profiler's operators by self time for one static-loop run with the FastNetwork
+defaults (and compiled, with --compile): where the time goes.
 """
 
 import argparse
@@ -273,6 +277,7 @@ def fast_variants(args, device: torch.device):
         variants.append((f"{loop} loop + FastNetwork + compile", loop, {"compile": True}))
         if bf16:
             variants.append((f"{loop} loop + FastNetwork + bf16 + compile", loop, {"bf16": True, "compile": True}))
+        variants.append(("compiled loop (network inside) + FastNetwork defaults", "compile", {}))
     return variants
 
 

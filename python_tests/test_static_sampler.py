@@ -1,5 +1,6 @@
-"""The static sampling loop (MRSampler(loop="static" / "graph")) against MRSampler.sample's eager loop:
-the same output bit for bit on the CPU, the same divergence guard, the same generator use."""
+"""The static sampling loop (MRSampler(loop="static" / "graph" / "compile")) against MRSampler.sample's
+eager loop: the same output bit for bit on the CPU (to float rounding compiled or graphed), the same
+divergence guard, the same generator use."""
 
 import pytest
 import torch
@@ -210,6 +211,74 @@ def test_bad_arguments():
         StaticMRSampler("sampler")
     with pytest.raises(TypeError, match="graph"):
         StaticMRSampler(MRSampler(MR, 5), graph="yes")
+    with pytest.raises(TypeError, match="compile"):
+        StaticMRSampler(MRSampler(MR, 5), compile=1)
+    with pytest.raises(ValueError, match="graph, compile: expected at most one"):
+        StaticMRSampler(MRSampler(MR, 5), graph=True, compile=True)
+
+
+# --------------------------------------------------------------------------- one compiled function
+def affine_model(x, t, mu):
+    return 0.3 * x - 0.2 * mu * t.reshape(-1, *[1] * (x.ndim - 1))
+
+
+@pytest.mark.parametrize("solver", ["ode", "sde"])
+def test_compiled_loop_matches_the_static_loop(solver):
+    mu = degraded(MR, torch.float32)
+    compiled = MRSampler(MR, 6, solver=solver, loop="compile")
+    for seed in (5, 6):
+        static = MRSampler(MR, 6, solver=solver, loop="static").sample(affine_model, mu, generator=generator(seed))
+        # the noise is drawn outside the compiled function: another seed is new data, not a new program
+        with torch._dynamo.config.patch(error_on_recompile=seed == 6):
+            out = compiled.sample(affine_model, mu, generator=generator(seed))
+        torch.testing.assert_close(out, static, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(solver="sde", clip=(0.0, 1.0)),
+    dict(solver="ode", order=3, prediction="noise", threshold=0.9, denoise_last=True),
+], ids=str)
+def test_the_loop_compiles_to_one_graph(options):
+    """No graph break anywhere in the loop (the fused steps included): one program, not NFE pieces."""
+    sampler = MRSampler(MR, 6, **options)
+    static = StaticMRSampler(sampler)
+    mu = degraded(MR, torch.float32)
+    x = MR.prior(mu, generator(1))
+    static.coefficients(static.plan(True), x)
+    noise = stream_noise(3, sampler.steps, x) if options["solver"] == "sde" else None
+    explained = torch._dynamo.explain(static.loop)(affine_model, x, mu, mu, 0, noise)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_loop_with_the_fast_network():
+    """FastNetwork's channels-last inputs and inference mode inside the compiled loop: still one graph, the static
+    loop's sample."""
+    from msdiff_fast.models import FastNetwork
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x) * t.reshape(-1, 1, 1, 1)
+
+    torch.manual_seed(0)
+    fast = FastNetwork(Net())
+    model = lambda x, t, m: fast(torch.cat([x - m, m], dim=1), t)  # noqa: E731
+    mu = degraded(MR, torch.float32)
+    static = MRSampler(MR, 6, loop="static").sample(model, mu, generator=generator(1))
+    compiled = MRSampler(MR, 6, loop="compile")
+    torch.testing.assert_close(compiled.sample(model, mu, generator=generator(1)), static, rtol=1e-5, atol=1e-6)
+    loop = compiled._static
+    x = MR.prior(mu, generator(2))
+    explained = torch._dynamo.explain(loop.loop)(model, x, mu, mu, 0, stream_noise(3, 6, x))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_loop_guard_names_the_step():
+    with pytest.raises(FloatingPointError, match=r"step 3/10"):
+        MRSampler(MR, 10, loop="compile").sample(nan_at(MR, 10, 3), torch.zeros(2, 3), generator=generator(0))
 
 
 # --------------------------------------------------------------------------- CUDA graphs

@@ -88,10 +88,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--loop",
-        choices=("eager", "static", "graph"),
+        choices=("eager", "static", "graph", "compile"),
         default="static",
         help="mr-*: static precomputes every coefficient and checks for divergence once at the end (same output as eager); "
-        "graph also captures the loop as one CUDA graph (CUDA only); eager checks every step",
+        "graph also captures the loop as one CUDA graph (CUDA only); compile torch.compiles the loop with the network "
+        "(the first batch compiles for minutes); eager checks every step",
     )
     sample.add_argument(
         "--bf16", action="store_true", help="run the network under bfloat16 autocast (where the CPU/GPU has bfloat16 arithmetic)"

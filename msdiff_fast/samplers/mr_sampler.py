@@ -39,7 +39,7 @@ from .parameterization import KINDS, PREDICTIONS, check_kind, prediction_coeffic
 from .static import StaticMRSampler
 from .timesteps import get_timesteps
 
-LOOPS = ("eager", "static", "graph")
+LOOPS = ("eager", "static", "graph", "compile")
 
 
 class UnstableSolverWarning(UserWarning):
@@ -135,9 +135,11 @@ class MRSampler:
     "midpoint" (DPM-Solver++(2M) as k-diffusion and diffusers write it); see the module docstring.
     check_finite: raise at the first step that produces NaN/inf or values beyond any sane range.
     loop: "eager" (a Python loop that checks every step), "static" (every coefficient precomputed
-    on the device, no host synchronisation until the end; the same output bit for bit) or "graph"
+    on the device, no host synchronisation until the end; the same output bit for bit), "graph"
     (the static loop captured once as a CUDA graph per model and input shape, then replayed;
-    CUDA tensors only). The static loops are planned at the first call, from the settings then:
+    CUDA tensors only) or "compile" (the static loop, model included, as one torch.compile'd
+    function; compiled at the first call for a model and input shapes: minutes for a large
+    network on a CPU; float rounding against the static loop). The static loops are planned at the first call, from the settings then:
     for other settings build another MRSampler. See ``samplers.static.StaticMRSampler``.
     """
 
@@ -254,7 +256,7 @@ class MRSampler:
         if self.loop == "eager":
             return self.run_eager(model, x, mu, condition, seed, callback, progress)
         if self._static is None:
-            self._static = StaticMRSampler(self, graph=self.loop == "graph")
+            self._static = StaticMRSampler(self, graph=self.loop == "graph", compile=self.loop == "compile")
         return self._static.run(model, x, mu, condition, seed)
 
     def run_eager(

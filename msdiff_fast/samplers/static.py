@@ -1,5 +1,6 @@
 """The MR Sampler loop as a fixed program: every coefficient on the device before the first step,
-no host synchronisation inside the loop, so that the whole loop can be captured as one CUDA graph.
+no host synchronisation inside the loop, so that the whole loop can be captured as one CUDA graph
+or compiled as one function.
 
 ``MRSampler.sample`` (loop="eager") evaluates its float64 schedule, copies each step's
 coefficients to the device and reads the state back for the divergence check at every step: on a
@@ -131,21 +132,27 @@ class DeviceCoefficients:
 class StaticMRSampler:
     """``MRSampler.sample`` without host synchronisation inside the loop (see the module docstring).
 
-    Use it through ``MRSampler(..., loop="static")`` or ``loop="graph"``; ``run`` is the entry
-    point those call. graph: capture the loop as a CUDA graph per (model, input shapes) and
-    replay it (CUDA tensors only; the model must not synchronise with the host, and a model that
-    reads tensors other than its arguments reads the ones it read during capture).
+    Use it through ``MRSampler(..., loop="static")``, ``loop="graph"`` or ``loop="compile"``; ``run``
+    is the entry point those call. graph: capture the loop as a CUDA graph per (model, input
+    shapes) and replay it (CUDA tensors only; the model must not synchronise with the host, and a
+    model that reads tensors other than its arguments reads the ones it read during capture).
+    compile: torch.compile the loop with the model inside; it recompiles for another network or
+    new input shapes (a new closure over the same network, or a new seed, reuses the program).
     """
 
-    def __init__(self, sampler, graph: bool = False):
+    def __init__(self, sampler, graph: bool = False, compile: bool = False):
         if not all(hasattr(sampler, name) for name in PLANNED_INTERFACE):
             raise TypeError(f"sampler: expected an MRSampler, got {type(sampler).__name__}")
-        if not isinstance(graph, bool):
-            raise TypeError(f"graph: expected a bool, got {graph!r}")
-        self.sampler, self.graph = sampler, graph
+        for name, value in (("graph", graph), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {value!r}")
+        if graph and compile:
+            raise ValueError("graph, compile: expected at most one of them True, got both")
+        self.sampler, self.graph, self.compile = sampler, graph, compile
         self._plans: Dict[bool, LoopPlan] = {}
         self._coefficients: Dict[Tuple, DeviceCoefficients] = {}
         self._graphs: Dict[Tuple, CapturedLoop] = {}
+        self._compiled_loop = torch.compile(self.loop) if compile else None
 
     def plan(self, has_mu: bool) -> LoopPlan:
         if has_mu not in self._plans:
@@ -223,6 +230,10 @@ class StaticMRSampler:
                     f"loop: 'graph' captures CUDA graphs and needs CUDA tensors, got x_T on {x.device}; use loop='static'"
                 )
             result, peak = self._replay(model, x, mu, condition, seed)
+        elif self.compile:
+            # the coefficients are built outside the compiled function, which then only reads them
+            self.coefficients(self.plan(mu is not None), x)
+            result, peak = self._compiled_loop(model, x, mu, condition, 0, self._drawn_noise(mu, x, seed))
         else:
             result, peak = self.loop(model, x, mu, condition, seed)
         if peak is not None:
@@ -231,16 +242,24 @@ class StaticMRSampler:
                 sampler.run_eager(model, x, mu, condition, seed)  # raises, naming the step
                 what = "NaN or inf" if not math.isfinite(largest) else f"values up to {largest:.3g} (limit {limit:.3g})"
                 raise FloatingPointError(
-                    f"MRSampler(loop={'graph' if self.graph else 'static'!r}): the loop produced {what}, but replaying it step by step "
+                    f"MRSampler(loop={self.mode!r}): the loop produced {what}, but replaying it step by step "
                     "did not (a model whose output changes from call to call?)"
                 )
         return result
 
+    @property
+    def mode(self) -> str:
+        return "graph" if self.graph else "compile" if self.compile else "static"
+
+    def _drawn_noise(self, mu, x: torch.Tensor, seed: int) -> Optional[torch.Tensor]:
+        """Every step's normals (``stream_noise``), or None when the loop draws none (an ODE)."""
+        draws = any(call.noise != 0.0 for step in self.plan(mu is not None).steps for call in step.calls)
+        return stream_noise(seed, self.sampler.steps, x, self.sampler.backend) if draws else None
+
     def _replay(self, model, x, mu, condition, seed):
         shapes = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in (x, mu, condition))
         key = (shapes, condition is mu)
-        draws = any(call.noise != 0.0 for step in self.plan(mu is not None).steps for call in step.calls)
-        noise = stream_noise(seed, self.sampler.steps, x, self.sampler.backend) if draws else None
+        noise = self._drawn_noise(mu, x, seed)
         with torch.no_grad():
             captured = self._graphs.get(key)
             if captured is None or captured.model is not model:
