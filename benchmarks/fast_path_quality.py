@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_model  # noqa: E402
 
 from msdiff_fast.demo import DemoSettings, demo_models  # noqa: E402
-from msdiff_fast.demo.experiment import test_pairs  # noqa: E402
+from msdiff_fast.demo.experiment import restore_pairs, test_pairs  # noqa: E402
 from msdiff_fast.metrics import image_metrics  # noqa: E402
 from msdiff_fast.models import FastNetwork, bf16_unsupported  # noqa: E402
 from msdiff_fast.reports import markdown_table  # noqa: E402
-from msdiff_fast.restoration import SamplerSpec, load_trained, restore_images  # noqa: E402
+from msdiff_fast.restoration import SamplerSpec, load_trained  # noqa: E402
 from msdiff_fast.training.tasks import consistency_operator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,19 +49,11 @@ SAMPLERS = (("mr-sde", 10), ("mr-ode", 10))
 
 
 def restore(network, estimator, pairs, sampler: SamplerSpec, settings: DemoSettings):
-    names = list(pairs)
-    started = time.perf_counter()
-    restored = restore_images(
-        network,
-        estimator,
-        [pairs[n]["condition"] for n in names],
-        sampler,
-        settings.seed + 100,
-        settings.image_size,
-        settings.image_size // 4,
-        batch=64,
+    """name -> the restored image [C, H, W] (one sample, the demo's seed and tiling), and the seconds taken."""
+    samples, seconds = restore_pairs(
+        {"network": network, "estimator": estimator}, pairs, sampler, 1, settings.seed + 100, settings, torch.device("cpu")
     )
-    return dict(zip(names, restored)), time.perf_counter() - started
+    return {name: sample[0] for name, sample in samples.items()}, seconds
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from msdiff_fast.demo import DemoSettings, demo_models, run_demo
-from msdiff_fast.demo.experiment import test_pairs
+from msdiff_fast.demo.experiment import restore_pairs, test_pairs
 from msdiff_fast.metrics import image_metrics
 from msdiff_fast.restoration import ModelSpec, SamplerSpec, load_trained, restore_images
 from msdiff_fast.samplers import UnstableSolverWarning
@@ -291,26 +291,15 @@ def trained_models(args):
 
 def score(model, trained, pairs, sampler: SamplerSpec, copies: int, seed: int, settings: DemoSettings) -> Dict:
     """Mean PSNR of ``copies`` samples of every test image, or the reason it failed."""
-    names = list(pairs)
-    conditions = [pairs[name]["condition"] for _ in range(copies) for name in names]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnstableSolverWarning)
         try:
-            restored = restore_images(
-                trained.network,
-                trained.estimator,
-                conditions,
-                sampler,
-                seed,
-                settings.image_size,
-                settings.image_size // 4,
-                batch=64,
-            )
+            trained_parts = {"network": trained.network, "estimator": trained.estimator}
+            samples, _ = restore_pairs(trained_parts, pairs, sampler, copies, seed, settings, torch.device("cpu"))
         except FloatingPointError as err:
             return {"psnr": None, "failure": str(err).split("\n")[0][:160]}
-    samples = {name: torch.stack([restored[c * len(names) + i] for c in range(copies)]) for i, name in enumerate(names)}
     operator = consistency_operator(model.spec.task, model.spec.task_options)
-    psnrs = [image_metrics(samples[name][:, None], pairs[name]["truth"][None], operator)["psnr"] for name in names]
+    psnrs = [image_metrics(samples[name][:, None], pairs[name]["truth"][None], operator)["psnr"] for name in pairs]
     result = {"psnr": sum(psnrs) / len(psnrs)}
     if caught:
         result["warning"] = str(caught[0].message).split("\n")[0][:160]

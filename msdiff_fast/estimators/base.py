@@ -1,6 +1,7 @@
 """What every estimator shares: the interface, the draw of t and the Philox seed, the noise
 policy, and the checks of shapes, images and model outputs (see the package docstring)."""
 
+from abc import ABC, abstractmethod
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -15,7 +16,7 @@ VE_T_EPS = 1e-5
 Shape = Tuple[int, int, int]
 
 
-class Estimator:
+class Estimator(ABC):
     """Common interface; see the module docstring. Subclasses set ``name`` and ``model_output`` and
     define ``_loss``, ``sampling_model`` and ``model_output_channels``."""
 
@@ -94,11 +95,11 @@ class Estimator:
         t, seed = self._draw(generator, x0.shape[0], offset_samples, global_batch, x0.device)
         return self._loss(model, x0, y0, t, seed, offset_samples)
 
+    @abstractmethod
     def _loss(
         self, model: Callable, x0: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, seed: int, offset_samples: int
     ) -> torch.Tensor:
         """The loss at the drawn times t [B] (float64) with the Philox seed ``seed``."""
-        raise NotImplementedError
 
     def _check_batch(self, model, x0, y0, generator, offset_samples, global_batch) -> int:
         if not callable(model):
